@@ -1,0 +1,16 @@
+"""Fast-path ops behind one dispatch: Triton on CUDA, the C++ extension on CPU, else PyTorch."""
+from .dispatch import available_backends, backend_for, requested_backend, use_backend
+from .reference import mine_lower_bound_ref as mine_lower_bound
+from .trigger_apply import patch_apply, trigger_apply
+from .trigger_loss import trigger_loss
+
+__all__ = [
+    "available_backends",
+    "backend_for",
+    "mine_lower_bound",
+    "patch_apply",
+    "requested_backend",
+    "trigger_apply",
+    "trigger_loss",
+    "use_backend",
+]

@@ -1,0 +1,1 @@
+"""Triton kernels for baerase's fast-path ops (installed as ``baerase.kernels``)."""
