@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-from baerase.ops import dispatch
+# Without a GPU the Triton kernels run on CPU tensors through the interpreter. Triton reads this
+# when a kernel is defined, so it must be set before _has() below imports baerase.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from baerase.ops import dispatch  # noqa: E402
 
 
 def _has(backend: str, device: str) -> bool:

@@ -1,0 +1,333 @@
+"""Triton kernels against the torch reference, through the ``baerase.ops`` dispatch.
+
+On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (set in conftest.py), so the
+shapes stay small; with a GPU the same tests run natively on CUDA. fp32 is compared with a tight
+tolerance; bf16/fp16 compare the kernel's error with torch's own error in that dtype, both measured
+against an fp32 reference on the same (exactly representable) inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, requires_triton
+
+from baerase.errors import InputError
+from baerase.ops import patch_apply, trigger_apply, trigger_loss, use_backend
+from baerase.ops.reference import patch_apply_ref, trigger_apply_ref, trigger_loss_ref
+
+pytestmark = requires_triton
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FP32 = (torch.float32, 2e-6, 1e-5)  # (dtype, atol, rtol)
+LOW = [torch.bfloat16, torch.float16]
+
+# (K, B, C, H, W): batch 1, single channel, non-power-of-two planes, a plane over one 128-wide block.
+APPLY_SHAPES = [(1, 1, 1, 1, 1), (2, 1, 3, 5, 7), (3, 4, 1, 6, 5), (2, 3, 3, 13, 11)]
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """allclose with a message listing the first mismatching elements."""
+    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rows = "\n".join(
+            f"  {i}: got {actual[tuple(i)].item():.7g}, want {expected[tuple(i)].item():.7g}" for i in idx
+        )
+        diff = (actual - expected).abs().max().item()
+        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (max abs diff {diff:.3g})\n{rows}")
+
+
+def assert_as_good_as_torch(
+    name: str, kernel: torch.Tensor, native: torch.Tensor, oracle: torch.Tensor
+) -> None:
+    """Low precision: the kernel may not be much worse than torch computing in that dtype."""
+    oracle = oracle.detach().float().cpu()
+    err_kernel = (kernel.detach().float().cpu() - oracle).abs().max().item()
+    err_torch = (native.detach().float().cpu() - oracle).abs().max().item()
+    # One rounding of the largest value in the kernel's output dtype is always allowed.
+    floor = oracle.abs().max().item() * torch.finfo(kernel.dtype).eps
+    assert err_kernel <= 2 * err_torch + floor, (
+        f"{name}: kernel error {err_kernel:.3g} vs torch {err_torch:.3g}"
+    )
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    return t.to(DEVICE, dtype or t.dtype).detach().requires_grad_(True)
+
+
+def stats(c: int):
+    return torch.rand(c, device=DEVICE) * 0.5, torch.rand(c, device=DEVICE) + 0.2
+
+
+# --- trigger_apply --------------------------------------------------------------------------------
+
+
+def apply_inputs(shape, mask_channels, per_sample, dtype=torch.float32):
+    k, b, c, h, w = shape
+    x = torch.rand(b, c, h, w).to(DEVICE, dtype)
+    m = leaf(torch.randn(k, 1 if mask_channels == 1 else c, h, w) * 2, dtype)
+    p = leaf(torch.rand((k, b, c, h, w) if per_sample else (k, c, h, w)), dtype)
+    return x, m, p
+
+
+@pytest.mark.parametrize("shape", APPLY_SHAPES)
+@pytest.mark.parametrize("mask_channels", [1, "C"])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_trigger_apply_fp32(shape, mask_channels, per_sample, normalize):
+    _, atol, rtol = FP32
+    x, m, p = apply_inputs(shape, mask_channels, per_sample)
+    mean, std = stats(shape[2]) if normalize else (None, None)
+    expected = trigger_apply_ref(x, m, p, mean, std)
+    grad_out = torch.randn_like(expected)
+    with use_backend("triton"):
+        out = trigger_apply(x, m, p, mean, std)
+    assert_close("out", out, expected, atol, rtol)
+    want_m, want_p = grads(expected, (m, p), grad_out)
+    got_m, got_p = grads(out, (m, p), grad_out)
+    assert_close("grad_mask_logits", got_m, want_m, atol * shape[1] * shape[2], rtol)
+    assert_close("grad_pattern", got_p, want_p, atol * shape[1], rtol)
+
+
+def _apply_native(x, m, p, mean, std):
+    """The reference formula evaluated entirely in the inputs' dtype: torch's own rounding."""
+    p = p if p.dim() == 5 else p.unsqueeze(1)
+    out = x.unsqueeze(0) + torch.sigmoid(m).unsqueeze(1) * (p - x.unsqueeze(0))
+    return (out - mean.to(x.dtype).view(-1, 1, 1)) / std.to(x.dtype).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("mask_channels", [1, "C"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_trigger_apply_low_precision(dtype, mask_channels, per_sample):
+    shape = (2, 3, 3, 6, 5)
+    x, m, p = apply_inputs(shape, mask_channels, per_sample, dtype)
+    mean, std = stats(shape[2])
+    m32, p32 = leaf(m, torch.float32), leaf(p, torch.float32)
+    oracle = trigger_apply_ref(x.float(), m32, p32, mean, std)
+    grad_out = torch.randn_like(oracle).to(dtype)
+    native = _apply_native(x, m, p, mean, std)
+    with use_backend("triton"):
+        out = trigger_apply(x, m, p, mean, std)
+    assert out.dtype == dtype
+    assert_as_good_as_torch("out", out, native, oracle)
+    oracle_grads = grads(oracle, (m32, p32), grad_out.float())
+    native_grads = grads(native, (m, p), grad_out)
+    kernel_grads = grads(out, (m, p), grad_out)
+    for name, got, nat, want in zip(
+        ("grad_mask_logits", "grad_pattern"), kernel_grads, native_grads, oracle_grads
+    ):
+        assert got.dtype == dtype
+        assert_as_good_as_torch(name, got, nat, want)
+
+
+def test_trigger_apply_non_contiguous_inputs():
+    # The dispatch makes inputs contiguous; the result must not depend on the input layout.
+    x = torch.rand(2, 5, 6, 3, device=DEVICE).permute(0, 3, 1, 2)  # [2, 3, 5, 6], channels-last
+    m = leaf(torch.randn(2, 1, 6, 5)).transpose(-1, -2)
+    p = leaf(torch.rand(2, 3, 6, 5)).transpose(-1, -2)
+    mean, std = stats(3)
+    with use_backend("triton"):
+        out = trigger_apply(x, m, p, mean, std)
+    assert_close("out", out, trigger_apply_ref(x, m, p, mean, std), *FP32[1:])
+
+
+# --- patch_apply -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4, 4, 1, 1), (2, 3, 3, 9, 7, 3, 2), (3, 2, 2, 5, 6, 5, 6)])
+@pytest.mark.parametrize("shared_positions", [False, True])
+def test_patch_apply_fp32(shape, shared_positions):
+    k, b, c, h, w, ph, pw = shape
+    x = torch.rand(b, c, h, w, device=DEVICE)
+    patch = leaf(torch.rand(k, b, c, ph, pw))
+    n = 1 if shared_positions else k
+    rows = torch.randint(0, h - ph + 1, (n, b), device=DEVICE)
+    cols = torch.randint(0, w - pw + 1, (n, b), device=DEVICE)
+    rows, cols = (rows[0], cols[0]) if shared_positions else (rows, cols)
+    mean, std = stats(c)
+    expected = patch_apply_ref(x, patch, rows, cols, mean, std)
+    grad_out = torch.randn_like(expected)
+    with use_backend("triton"):
+        out = patch_apply(x, patch, rows, cols, mean, std)
+    assert_close("out", out, expected, *FP32[1:])
+    assert_close("grad_patch", grads(out, patch, grad_out)[0], grads(expected, patch, grad_out)[0], *FP32[1:])
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_patch_apply_low_precision(dtype):
+    k, b, c, h, w, ph, pw = 2, 3, 3, 7, 6, 3, 2
+    x = torch.rand(b, c, h, w).to(DEVICE, dtype)
+    patch = leaf(torch.rand(k, b, c, ph, pw), dtype)
+    rows = torch.randint(0, h - ph + 1, (k, b), device=DEVICE)
+    cols = torch.randint(0, w - pw + 1, (k, b), device=DEVICE)
+    mean, std = stats(c)
+    patch32 = leaf(patch, torch.float32)
+    oracle = patch_apply_ref(x.float(), patch32, rows, cols, mean, std)
+    grad_out = torch.randn_like(oracle).to(dtype)
+    # torch in the low dtype: paste, then normalise with low-precision statistics.
+    pasted = patch_apply_ref(x, patch, rows, cols)
+    native = (pasted - mean.to(dtype).view(-1, 1, 1)) / std.to(dtype).view(-1, 1, 1)
+    with use_backend("triton"):
+        out = patch_apply(x, patch, rows, cols, mean, std)
+    assert out.dtype == dtype
+    assert_as_good_as_torch("out", out, native, oracle)
+    got = grads(out, patch, grad_out)[0]
+    assert got.dtype == dtype
+    assert_as_good_as_torch(
+        "grad_patch", got, grads(native, patch, grad_out)[0], grads(oracle, patch32, grad_out.float())[0]
+    )
+
+
+# --- trigger_loss ----------------------------------------------------------------------------------
+
+
+def loss_grads(hinge, nll, logits, grad_hinge, grad_nll):
+    return torch.autograd.grad((hinge * grad_hinge + nll * grad_nll).sum(), logits)[0]
+
+
+# (M, Kc): one row, one class, non-power-of-two widths, many short rows packed per tile, and a width
+# over the 4096-column tile so the online softmax crosses blocks.
+@pytest.mark.parametrize("m,kc", [(1, 1), (1, 10), (7, 13), (67, 10), (5, 1000), (3, 5003)])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_trigger_loss_fp32(m, kc, beta):
+    _, atol, rtol = FP32
+    logits = leaf(torch.randn(m, kc) * 4)
+    target = torch.randint(0, kc, (m,), device=DEVICE)
+    if m > 1:  # make one row confident so the hinge clips (p_t > beta) and one row not
+        with torch.no_grad():
+            logits[0, target[0]] += 30.0
+    grad_hinge, grad_nll = torch.randn(m, device=DEVICE), torch.randn(m, device=DEVICE)
+    hinge_ref, nll_ref = trigger_loss_ref(logits, target, beta)
+    with use_backend("triton"):
+        hinge, nll = trigger_loss(logits, target, beta)
+    assert hinge.dtype == nll.dtype == torch.float32
+    assert_close("hinge", hinge, hinge_ref, atol, rtol)
+    assert_close("nll", nll, nll_ref, 1e-5, rtol)
+    got = loss_grads(hinge, nll, logits, grad_hinge, grad_nll)
+    assert_close("grad_logits", got, loss_grads(hinge_ref, nll_ref, logits, grad_hinge, grad_nll), atol, rtol)
+
+
+def test_trigger_loss_extreme_logits():
+    # Logits far outside exp's fp32 range: a naive softmax overflows, the online one must not.
+    logits = leaf(torch.tensor([[1000.0, -1000.0, 0.0], [-1e4, -1e4 + 1, -1e4 - 1], [88.0, 89.0, 90.0]]))
+    target = torch.tensor([1, 0, 2], device=DEVICE)
+    hinge_ref, nll_ref = trigger_loss_ref(logits, target, 0.9)
+    with use_backend("triton"):
+        hinge, nll = trigger_loss(logits, target, 0.9)
+    assert torch.isfinite(nll).all()
+    assert_close("hinge", hinge, hinge_ref, 1e-6, 1e-5)
+    assert_close("nll", nll, nll_ref, 1e-4, 1e-5)
+    # The backward recomputes p = exp(z - lse), whose error grows as |lse| * fp32 eps (6e-4 at 1e4).
+    got = torch.autograd.grad(nll.sum() + hinge.sum(), logits)[0]
+    want = torch.autograd.grad(nll_ref.sum() + hinge_ref.sum(), logits)[0]
+    assert_close("grad_logits", got, want, 2e-3, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("m,kc", [(6, 10), (3, 1001)])
+def test_trigger_loss_low_precision(dtype, m, kc):
+    logits = leaf(torch.randn(m, kc) * 3, dtype)
+    target = torch.randint(0, kc, (m,), device=DEVICE)
+    logits32 = leaf(logits, torch.float32)
+    grad_hinge, grad_nll = torch.randn(m, device=DEVICE), torch.randn(m, device=DEVICE)
+    hinge_o, nll_o = trigger_loss_ref(logits32, target, 0.5)
+    # torch in the low dtype: log_softmax returns (and its backward works in) that dtype.
+    nll_n = -F.log_softmax(logits, dim=-1).gather(1, target.view(-1, 1)).squeeze(1)
+    hinge_n = torch.clamp(torch.exp(-nll_n), max=0.5)
+    with use_backend("triton"):
+        hinge, nll = trigger_loss(logits, target, 0.5)
+    assert_as_good_as_torch("hinge", hinge.to(dtype), hinge_n, hinge_o)
+    assert_as_good_as_torch("nll", nll.to(dtype), nll_n, nll_o)
+    got = loss_grads(hinge, nll, logits, grad_hinge, grad_nll)
+    assert got.dtype == dtype
+    native = loss_grads(hinge_n, nll_n, logits, grad_hinge.to(dtype), grad_nll.to(dtype))
+    assert_as_good_as_torch(
+        "grad_logits", got, native, loss_grads(hinge_o, nll_o, logits32, grad_hinge, grad_nll)
+    )
+
+
+def test_trigger_loss_single_output_gradient():
+    # Only the hinge used: autograd hands the backward a None / zero gradient for nll.
+    logits = leaf(torch.randn(4, 9))
+    target = torch.randint(0, 9, (4,), device=DEVICE)
+    with use_backend("triton"):
+        hinge, _ = trigger_loss(logits, target, 0.3)
+    got = torch.autograd.grad(hinge.sum(), logits)[0]
+    want = torch.autograd.grad(trigger_loss_ref(logits, target, 0.3)[0].sum(), logits)[0]
+    assert_close("grad_logits", got, want, *FP32[1:])
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def test_kernels_reject_bad_inputs(monkeypatch):
+    from baerase import kernels
+
+    x = torch.rand(2, 3, 4, 4, device=DEVICE)
+    mean, std = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(InputError, match="mask_logits"):
+        kernels.trigger_apply_fwd(
+            x, torch.zeros(1, 2, 4, 4, device=DEVICE), torch.zeros(1, 3, 4, 4, device=DEVICE), mean, std
+        )
+    with pytest.raises(InputError, match="pattern"):
+        kernels.trigger_apply_fwd(
+            x, torch.zeros(1, 1, 4, 4, device=DEVICE), torch.zeros(2, 3, 4, 4, device=DEVICE), mean, std
+        )
+    with pytest.raises(InputError, match="contiguous"):
+        kernels.trigger_apply_fwd(
+            x.transpose(2, 3),
+            torch.zeros(1, 1, 4, 4, device=DEVICE),
+            torch.zeros(1, 3, 4, 4, device=DEVICE),
+            mean,
+            std,
+        )
+    with pytest.raises(InputError, match="float"):
+        kernels.trigger_apply_fwd(
+            x.int(), torch.zeros(1, 1, 4, 4, device=DEVICE), torch.zeros(1, 3, 4, 4, device=DEVICE), mean, std
+        )
+    with pytest.raises(InputError, match="mean"):
+        kernels.trigger_apply_fwd(
+            x, torch.zeros(1, 1, 4, 4, device=DEVICE), torch.zeros(1, 3, 4, 4, device=DEVICE), mean[:2], std
+        )
+    positions = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(InputError, match="patch"):
+        kernels.patch_apply_fwd(x, torch.zeros(1, 2, 3, 5, 5, device=DEVICE), positions, positions, mean, std)
+    with pytest.raises(InputError, match="rows"):
+        kernels.patch_apply_fwd(
+            x, torch.zeros(1, 2, 3, 2, 2, device=DEVICE), positions.float(), positions, mean, std
+        )
+    logits = torch.zeros(3, 5, device=DEVICE)
+    with pytest.raises(InputError, match="target"):
+        kernels.trigger_loss_fwd(logits, torch.zeros(2, dtype=torch.int64, device=DEVICE), 0.5)
+    with pytest.raises(InputError, match="class column"):
+        kernels.trigger_loss_fwd(
+            torch.zeros(3, 0, device=DEVICE), torch.zeros(3, dtype=torch.int64, device=DEVICE), 0.5
+        )
+    with pytest.raises(InputError, match="one device"):
+        kernels.trigger_loss_fwd(logits, torch.zeros(3, dtype=torch.int64, device="meta"), 0.5)
+    # CPU tensors need the interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(InputError, match="CUDA"):
+        kernels.trigger_loss_fwd(logits.cpu(), torch.zeros(3, dtype=torch.int64), 0.5)
+
+
+def test_dispatch_routes_to_triton():
+    from baerase.ops import backend_for
+
+    with use_backend("triton"):
+        assert backend_for("trigger_apply", DEVICE) == "triton"
+        with pytest.raises(InputError):
+            trigger_apply(
+                torch.rand(2, 3, 4, 4, device=DEVICE),
+                torch.zeros(1, 2, 4, 4, device=DEVICE),
+                torch.zeros(1, 3, 4, 4, device=DEVICE),
+            )
