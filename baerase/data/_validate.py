@@ -20,12 +20,13 @@ def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
         raise InputError(
             f"{source}: images must have 3 or 4 dimensions ([N,H,W], [N,C,H,W] or [N,H,W,C]), got shape {tuple(x.shape)}"
         )
-    nchw = x.shape[1] <= _MAX_CHANNELS
-    nhwc = x.shape[3] <= _MAX_CHANNELS
-    if nchw:  # a [N,3,3,3] array is ambiguous; channels-first is torch's convention
-        return x
-    if nhwc:
-        return x.transpose(0, 3, 1, 2)
+    # Grey or RGB (1 or 3) is the strongest hint, then RGBA (4); a [N,3,3,3] array is ambiguous and
+    # taken as channels-first, torch's convention.
+    for counts in ((1, 3), tuple(range(1, _MAX_CHANNELS + 1))):
+        if x.shape[1] in counts:
+            return x
+        if x.shape[3] in counts:
+            return x.transpose(0, 3, 1, 2)
     raise InputError(
         f"{source}: cannot find the channel axis in images of shape {tuple(x.shape)}; "
         f"expected [N,C,H,W] or [N,H,W,C] with C <= {_MAX_CHANNELS}"

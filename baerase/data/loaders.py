@@ -152,6 +152,8 @@ def _stack_images(files: list[tuple[Path, int]], size: tuple[int, int] | None, s
     if any(im.ndim == 3 for im in images):  # mixed grey and colour: make all colour
         images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
     x = np.stack(images)
+    if x.ndim == 4:  # known channels-last; don't let small images be mistaken for channels-first
+        x = x.transpose(0, 3, 1, 2)
     y = np.array([label for _, label in files], dtype=np.int64)
     return standardise(x, y, source)
 
