@@ -1,0 +1,188 @@
+"""Attacks whose trigger pattern is optimised against the model: TrojanNN and IMC."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .train import Normalize, _check_data, _device, normalizer
+from .triggers import BadNets, PatchTrigger, TrojanWatermark, _check_images, _to_channels
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(0.02, 0.98)  # keep sigmoid away from saturation so the pattern can still move
+    return torch.log(p / (1 - p))
+
+
+def _capture(model: nn.Module, layer: str | nn.Module | None):
+    """Attach a hook recording the activations ``[N, F]`` the attack targets; returns (store, handle).
+
+    Default: the input of the model's last ``nn.Linear`` (the penultimate features); otherwise the
+    output of ``layer`` (a module or its name), averaged over spatial positions if it is a feature map.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def flat(a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(2).mean(2) if a.dim() > 2 else a
+
+    if layer is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise InputError("optimise_trojan_trigger: the model has no nn.Linear layer; name a layer=")
+        handle = linears[-1].register_forward_pre_hook(lambda m, args: store.__setitem__("a", flat(args[0])))
+        return store, handle
+    if isinstance(layer, str):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise InputError(f"optimise_trojan_trigger: no module named {layer!r}; see model.named_modules()")
+        layer = modules[layer]
+    handle = layer.register_forward_hook(lambda m, args, out: store.__setitem__("a", flat(out)))
+    return store, handle
+
+
+def optimise_trojan_trigger(
+    model: nn.Module,
+    x: torch.Tensor,
+    trigger: TrojanWatermark | None = None,
+    *,
+    layer: str | nn.Module | None = None,
+    neurons: int | Sequence[int] = 1,
+    target_activation: float | None = None,
+    steps: int = 200,
+    lr: float = 0.1,
+    normalize: Normalize = None,
+    seed: int = 0,
+) -> TrojanWatermark:
+    """TrojanNN trigger generation: optimise the watermark's pixel values to excite chosen neurons.
+
+    model: a clean-trained classifier (not modified); x: ``[N, C, H, W]`` clean images in [0, 1]
+    (a few dozen suffice). ``neurons`` is a count (the neurons whose activation rises most when
+    random patterns fill the watermark are chosen, i.e. those most connected to the trigger area,
+    the role TrojanNN's weight-based choice plays) or explicit indices into the activations of
+    ``layer`` (default: the input of the last ``nn.Linear``). The pattern is optimised with Adam so
+    those activations reach ``target_activation`` (default: 10x their largest clean value, at least 1).
+    Returns a new :class:`TrojanWatermark` with the optimised pattern ``[C, h, w]`` and ``neurons`` set.
+    """
+    _check_images(x, "optimise_trojan_trigger")
+    trigger = TrojanWatermark() if trigger is None else trigger
+    if trigger.position == "random":
+        raise InputError("optimise_trojan_trigger: the trigger needs a fixed position")
+    device = _device(model)
+    x = x.to(device)
+    norm = normalizer(normalize, x.shape[1], device)
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    store, handle = _capture(model, layer)
+    try:
+        with torch.no_grad():
+            model(norm(x))
+            clean = store["a"]
+            if isinstance(neurons, int):
+                rise = torch.zeros(clean.shape[1], device=device)
+                for _ in range(4):
+                    p = torch.rand(x.shape[1], *trigger.size, generator=g).to(device)
+                    model(norm(trigger.stamp(x, p)))
+                    rise += (store["a"] - clean).mean(0)
+                chosen = rise.topk(min(neurons, clean.shape[1])).indices
+            else:
+                chosen = torch.as_tensor(list(neurons), dtype=torch.long, device=device)
+                if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= clean.shape[1]:
+                    raise InputError(f"optimise_trojan_trigger: neurons must index 0..{clean.shape[1] - 1}")
+            goal = target_activation
+            if goal is None:
+                goal = max(10.0 * clean[:, chosen].max().item(), 1.0)
+        theta = _logit(_to_channels(trigger.pattern, x.shape[1], "trojan").clone().to(device)).requires_grad_(
+            True
+        )
+        opt = torch.optim.Adam([theta], lr=lr)
+        for _ in range(steps):
+            model(norm(trigger.stamp(x, torch.sigmoid(theta))))
+            loss = (store["a"][:, chosen] - goal).pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, theta)  # model parameters get no .grad
+            theta.grad = grad
+            opt.step()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    out = copy.copy(trigger)
+    out.pattern = torch.sigmoid(theta.detach()).cpu()
+    out.neurons = [int(i) for i in chosen.cpu()]
+    out.reset()
+    return out
+
+
+def imc_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    *,
+    trigger: PatchTrigger | None = None,
+    rate: float = 0.1,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    trigger_lr: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+    normalize: Normalize = None,
+    progress: bool = False,
+) -> tuple[nn.Module, PatchTrigger]:
+    """IMC-style attack (Pang et al. 2020): trigger pattern and model optimised together while poisoning.
+
+    Each batch of ``(x [N, C, H, W], y [N])`` first takes an Adam step on the pattern to push the
+    batch's stamped non-target images toward ``target``, then stamps a ``rate`` share of its
+    non-target images with the current pattern, relabels them ``target`` and takes an Adam step on
+    the model. ``trigger`` must have a fixed position (default: a 3x3 corner patch with random
+    initial values). Returns ``(model in eval mode, trigger with the final pattern [C, h, w])``.
+    """
+    _check_data(x, y, "imc_train")
+    trigger = BadNets(3, "corner", pattern="random", seed=seed) if trigger is None else trigger
+    if trigger.position == "random":
+        raise InputError("imc_train: the trigger needs a fixed position")
+    if not 0.0 < rate <= 1.0:
+        raise InputError(f"imc_train: rate must be in (0, 1], got {rate}")
+    device = _device(model)
+    norm = normalizer(normalize, x.shape[1], device)
+    g = torch.Generator().manual_seed(seed)
+    theta = _logit(_to_channels(trigger.pattern, x.shape[1], trigger.name).clone().to(device)).requires_grad_(
+        True
+    )
+    opt_model = torch.optim.Adam(model.parameters(), lr=lr)
+    opt_trigger = torch.optim.Adam([theta], lr=trigger_lr)
+    epochs_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs_iter = tqdm(epochs_iter, desc="imc", unit="epoch")
+    model.train()
+    for _ in epochs_iter:
+        for i in torch.randperm(len(y), generator=g).split(batch_size):
+            xb, yb = x[i].to(device), y[i].to(device)
+            others = torch.nonzero(yb != target).flatten()
+            if len(others) == 0:
+                continue
+            targets = torch.full((len(others),), target, device=device)
+            loss_t = F.cross_entropy(model(norm(trigger.stamp(xb[others], torch.sigmoid(theta)))), targets)
+            (theta.grad,) = torch.autograd.grad(loss_t, theta)
+            opt_trigger.step()
+
+            count = max(1, round(rate * len(yb)))
+            pick = others[torch.randperm(len(others), generator=g)[:count].to(device)]
+            xb, yb = xb.clone(), yb.clone()
+            with torch.no_grad():
+                xb[pick] = trigger.stamp(xb[pick], torch.sigmoid(theta))
+            yb[pick] = target
+            opt_model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(norm(xb)), yb).backward()
+            opt_model.step()
+    out = copy.copy(trigger)
+    out.pattern = torch.sigmoid(theta.detach()).cpu()
+    out.name = "imc"
+    out.reset()
+    return model.eval(), out
