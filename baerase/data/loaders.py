@@ -21,6 +21,7 @@ from baerase.errors import InputError, LoadError
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192; far beyond any classifier input
 _CHUNK = 1 << 20
 
 
@@ -116,12 +117,19 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         raise LoadError(f"{path}: reading image files needs Pillow (pip install pillow)") from None
     try:
         with Image.open(path) as im:
+            # The header is read lazily; refuse absurd sizes (often a corrupt header) before decoding.
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise LoadError(
+                    f"{path}: image is {im.width}x{im.height}, over the {MAX_IMAGE_PIXELS}-pixel limit"
+                )
             im.load()
             grey = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
             im = im.convert("L" if grey else "RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
+    except LoadError:
+        raise
     except OSError as exc:
         raise LoadError(f"{path}: cannot read image ({exc})") from None
     except MemoryError:
@@ -453,6 +461,8 @@ def load_dataset(spec: PathLike, **options: Any) -> tuple[torch.Tensor, torch.Te
         )
     try:
         kind = _sniff(p)
+    except LoadError:
+        raise
     except OSError as exc:
         raise LoadError(f"{p}: cannot read ({exc.strerror or exc})") from None
     loader = {
