@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Mapping
@@ -202,7 +203,10 @@ def load_model(
         model = _load_safetensors(p, arch, arch_kwargs)
     elif fmt == "torchscript":
         try:
-            model = torch.jit.load(str(p), map_location="cpu")
+            with warnings.catch_warnings():
+                # deprecated upstream, yet still how many deployed models are shipped
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
             raise LoadError(
                 f"{p}: corrupt or truncated TorchScript archive ({e}); re-export it with torch.jit.save"
