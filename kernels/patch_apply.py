@@ -26,6 +26,7 @@ def _patch_apply_fwd_kernel(
     mean_ptr,
     std_ptr,
     out_ptr,
+    K,
     B,
     C,
     W,
@@ -34,13 +35,17 @@ def _patch_apply_fwd_kernel(
     PW,
     BLOCK: tl.constexpr,
 ):
+    # Candidate fastest so the K programs stamping one image block share x in L2.
     pid = tl.program_id(0).to(tl.int64)
+    k = pid % K
+    rest = pid // K
+    b = rest % B
+    rest = rest // B
     n_hw = tl.cdiv(HW, BLOCK)
-    hw_blk = pid % n_hw
-    row = pid // n_hw  # (candidate, sample, channel)
-    c = row % C
-    kb = row // C
-    b = kb % B
+    hw_blk = rest % n_hw
+    c = rest // n_hw
+    kb = k * B + b
+    row = kb * C + c  # (candidate, sample, channel)
     r0 = tl.load(rows_ptr + kb)
     c0 = tl.load(cols_ptr + kb)
     offs = hw_blk * BLOCK + tl.arange(0, BLOCK)
@@ -126,6 +131,7 @@ def patch_apply_fwd(
             mean,
             std,
             out,
+            k,
             b,
             c,
             w,
