@@ -331,3 +331,18 @@ def test_dispatch_routes_to_triton():
                 torch.zeros(1, 2, 4, 4, device=DEVICE),
                 torch.zeros(1, 3, 4, 4, device=DEVICE),
             )
+
+
+def test_kernels_accept_empty_inputs():
+    from baerase import kernels
+
+    mean, std = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    x = torch.rand(0, 3, 4, 5, device=DEVICE)
+    m, p = torch.zeros(2, 1, 4, 5, device=DEVICE), torch.rand(2, 3, 4, 5, device=DEVICE)
+    assert kernels.trigger_apply_fwd(x, m, p, mean, std).shape == (2, 0, 3, 4, 5)
+    grad_m, grad_p = kernels.trigger_apply_bwd(torch.zeros(2, 0, 3, 4, 5, device=DEVICE), x, m, p, mean, std)
+    assert not grad_m.any() and not grad_p.any()
+    hinge, nll, lse = kernels.trigger_loss_fwd(
+        torch.zeros(0, 7, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE), 0.5
+    )
+    assert hinge.shape == nll.shape == lse.shape == (0,)
