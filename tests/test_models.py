@@ -108,6 +108,12 @@ def test_torch_state_dict_round_trip(tmp_path, cnn, wrap, suffix):
         load_model(path)
 
 
+def test_legacy_torch_format(tmp_path, cnn):
+    path = tmp_path / "legacy.pt"
+    torch.save(cnn.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert _same_outputs(cnn, load_model(path, "small_cnn"))
+
+
 def test_torchscript_round_trip(tmp_path, cnn):
     path = tmp_path / "m.ts"
     torch.jit.save(torch.jit.script(cnn), str(path))
