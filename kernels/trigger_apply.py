@@ -2,9 +2,9 @@
 
 Forward: one program per (candidate, sample, channel, pixel block), candidates adjacent in launch
 order so x and the masks/patterns come from DRAM about once; out is written once, so the kernel is
-bound by the write of [K, B, C, H, W]. Backward: one program per (candidate, mask channel, pixel block) loops over the
-batch (and over channels for a shared 1-channel mask) and accumulates both gradients in fp32
-registers, so no [K, B, ...] intermediate is kept.
+bound by the write of [K, B, C, H, W]. Backward: one program per (candidate, mask channel, pixel
+block) loops over the batch (and over channels for a shared 1-channel mask) and accumulates both
+gradients in fp32 registers, so no [K, B, ...] intermediate is kept.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ def _trigger_apply_fwd_kernel(
     p_stride_b,
     BLOCK: tl.constexpr,
 ):
-    # int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224).
-    # Candidate fastest, then sample: programs resident together share one (channel, pixel block),
+    # int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest, then sample: programs resident together share one (channel, pixel block),
     # so x[:, c, blk] and the K masks/patterns of that block are read from DRAM once and then hit L2,
     # instead of x being re-read once per candidate (K times the image at 224x224).
     pid = tl.program_id(0).to(tl.int64)
