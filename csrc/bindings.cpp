@@ -1,5 +1,7 @@
 // Python bindings of baerase._C; baerase/ops/cpp.py is the only importer.
-#include <torch/extension.h>
+// torch/csrc/utils/pybind.h carries the Tensor casters without the whole C++ frontend that
+// torch/extension.h pulls in, which dominates compile time.
+#include <torch/csrc/utils/pybind.h>
 
 namespace baerase {
 at::Tensor trigger_apply_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -5,7 +5,6 @@
 // corrections in double from a per-class step count) so a batched step matches K separate
 // optimisers. Classes whose `active` entry is false are frozen: parameters, moments and step
 // count stay as they are, so an early-stopped candidate resumes exactly where it stopped.
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
@@ -21,7 +20,7 @@ const bool* active_ptr(const c10::optional<at::Tensor>& active, int64_t K) {
   if (!active.has_value()) return nullptr;
   BAERASE_CHECK_INPUT(*active);
   BAERASE_CHECK_DTYPE(*active, at::kBool);
-  TORCH_CHECK(active->numel() == K, "active must have one entry per class (", K, "), got ", active->numel());
+  TORCH_CHECK_VALUE(active->numel() == K, "active must have one entry per class (", K, "), got ", active->numel());
   return active->data_ptr<bool>();
 }
 
@@ -32,7 +31,7 @@ void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<
                        const std::vector<at::Tensor>& steps, const c10::optional<at::Tensor>& active, double lr,
                        double beta1, double beta2, double eps) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i], &st = steps[i];
@@ -46,11 +45,11 @@ void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<
     BAERASE_CHECK_DTYPE(m, at::kFloat);
     BAERASE_CHECK_DTYPE(v, at::kFloat);
     BAERASE_CHECK_DTYPE(st, at::kFloat);
-    TORCH_CHECK(p.dim() >= 1, "parameters must have a leading class dimension");
-    TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
+    TORCH_CHECK_VALUE(p.dim() >= 1, "parameters must have a leading class dimension");
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
                 "grad and moments must match the parameter shape ", p.sizes());
     const int64_t K = p.size(0);
-    TORCH_CHECK(st.numel() == K, "step must have one entry per class (", K, ")");
+    TORCH_CHECK_VALUE(st.numel() == K, "step must have one entry per class (", K, ")");
     const bool* act = active_ptr(active, K);
     const int64_t per = K == 0 ? 0 : p.numel() / K;
     float* sp = st.data_ptr<float>();
@@ -85,6 +84,9 @@ void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<
         }
       }
     });
+    // Raw-pointer writes bypass autograd's version counters; bump them as in-place ops would, so
+    // a graph that saved these tensors before the step refuses to backpropagate stale values.
+    for (const at::Tensor* t : {&p, &m, &v, &st}) t->unsafeGetTensorImpl()->bump_version();
   }
 }
 
@@ -94,7 +96,7 @@ void moving_average_(at::Tensor& ma, const at::Tensor& value, double rate,
   BAERASE_CHECK_INPUT(value);
   BAERASE_CHECK_DTYPE(ma, at::kFloat);
   BAERASE_CHECK_DTYPE(value, at::kFloat);
-  TORCH_CHECK(ma.sizes() == value.sizes(), "ma and value must have the same shape");
+  TORCH_CHECK_VALUE(ma.sizes() == value.sizes(), "ma and value must have the same shape");
   const int64_t K = ma.dim() == 0 ? 1 : ma.size(0);
   const bool* act = active_ptr(active, K);
   const int64_t per = K == 0 ? 0 : ma.numel() / K;
@@ -105,6 +107,7 @@ void moving_average_(at::Tensor& ma, const at::Tensor& value, double rate,
     if (act && !act[k]) continue;
     for (int64_t j = k * per; j < (k + 1) * per; ++j) mp[j] = keep * mp[j] + r * vp[j];
   }
+  ma.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace baerase

@@ -5,7 +5,6 @@
 // backward walks each candidate in pixel chunks and accumulates the batch (and, for a 1-channel
 // mask, channel) reductions in registers-sized float buffers, so nothing of size K*B*C*H*W is
 // materialised besides the gradient input itself.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -39,10 +38,10 @@ Geometry check_trigger_inputs(const at::Tensor& x, const at::Tensor& mask_logits
   BAERASE_CHECK_DTYPE(std, at::kFloat);
   Geometry g{mask_logits.size(0), x.size(0), x.size(1), mask_logits.size(1), x.size(2) * x.size(3),
              pattern.dim() == 5};
-  TORCH_CHECK(g.Cm == 1 || g.Cm == g.C, "mask_logits must have 1 or ", g.C, " channels, got ", g.Cm);
+  TORCH_CHECK_VALUE(g.Cm == 1 || g.Cm == g.C, "mask_logits must have 1 or ", g.C, " channels, got ", g.Cm);
   BAERASE_CHECK_SIZE(mask_logits, 2, x.size(2));
   BAERASE_CHECK_SIZE(mask_logits, 3, x.size(3));
-  TORCH_CHECK(pattern.dim() == 4 || pattern.dim() == 5, "pattern must be [K,C,H,W] or [K,B,C,H,W]");
+  TORCH_CHECK_VALUE(pattern.dim() == 4 || pattern.dim() == 5, "pattern must be [K,C,H,W] or [K,B,C,H,W]");
   BAERASE_CHECK_SIZE(pattern, 0, g.K);
   if (g.per_sample) BAERASE_CHECK_SIZE(pattern, 1, g.B);
   const int64_t o = g.per_sample ? 1 : 0;
@@ -164,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> trigger_apply_bwd(const at::Tensor& grad_out,
   const Geometry g = check_trigger_inputs(x, mask_logits, pattern, mean, std);
   BAERASE_CHECK_INPUT(grad_out);
   BAERASE_CHECK_DIM(grad_out, 5);
-  TORCH_CHECK(grad_out.numel() == g.K * g.B * g.C * g.HW, "grad_out must be [K,B,C,H,W], got ",
+  TORCH_CHECK_VALUE(grad_out.numel() == g.K * g.B * g.C * g.HW, "grad_out must be [K,B,C,H,W], got ",
               grad_out.sizes());
   const at::Tensor go = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
   const at::Tensor s = at::sigmoid(mask_logits.to(at::kFloat)).contiguous();
@@ -205,14 +204,14 @@ at::Tensor patch_apply_fwd(const at::Tensor& x, const at::Tensor& patch, const a
   const int64_t h = patch.size(3), w = patch.size(4);
   BAERASE_CHECK_SIZE(patch, 1, B);
   BAERASE_CHECK_SIZE(patch, 2, C);
-  TORCH_CHECK(h <= H && w <= W, "patch ", h, "x", w, " does not fit a ", H, "x", W, " image");
-  TORCH_CHECK(rows.numel() == K * B && cols.numel() == K * B, "rows and cols must be [K, B] = [", K, ", ", B, "]");
+  TORCH_CHECK_VALUE(h <= H && w <= W, "patch ", h, "x", w, " does not fit a ", H, "x", W, " image");
+  TORCH_CHECK_VALUE(rows.numel() == K * B && cols.numel() == K * B, "rows and cols must be [K, B] = [", K, ", ", B, "]");
   BAERASE_CHECK_SIZE(mean, 0, C);
   BAERASE_CHECK_SIZE(std, 0, C);
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
   for (int64_t i = 0; i < K * B; ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] + h <= H && cp[i] >= 0 && cp[i] + w <= W, "patch corner (", rp[i], ", ",
+    TORCH_CHECK_VALUE(rp[i] >= 0 && rp[i] + h <= H && cp[i] >= 0 && cp[i] + w <= W, "patch corner (", rp[i], ", ",
                 cp[i], ") puts the patch outside the image");
   }
   const at::Tensor pf = patch.to(at::kFloat).contiguous();
@@ -251,18 +250,18 @@ at::Tensor patch_apply_bwd(const at::Tensor& grad_out, const at::Tensor& rows, c
   BAERASE_CHECK_DTYPE(rows, at::kLong);
   BAERASE_CHECK_DTYPE(cols, at::kLong);
   BAERASE_CHECK_DTYPE(std, at::kFloat);
-  TORCH_CHECK(patch_shape.size() == 5, "patch_shape must be [K, B, C, h, w]");
+  TORCH_CHECK_VALUE(patch_shape.size() == 5, "patch_shape must be [K, B, C, h, w]");
   const int64_t K = patch_shape[0], B = patch_shape[1], C = patch_shape[2], h = patch_shape[3], w = patch_shape[4];
   const int64_t H = grad_out.size(3), W = grad_out.size(4);
   BAERASE_CHECK_SIZE(grad_out, 0, K);
   BAERASE_CHECK_SIZE(grad_out, 1, B);
   BAERASE_CHECK_SIZE(grad_out, 2, C);
-  TORCH_CHECK(rows.numel() == K * B && cols.numel() == K * B, "rows and cols must be [K, B]");
+  TORCH_CHECK_VALUE(rows.numel() == K * B && cols.numel() == K * B, "rows and cols must be [K, B]");
   BAERASE_CHECK_SIZE(std, 0, C);
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
   for (int64_t i = 0; i < K * B; ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] + h <= H && cp[i] >= 0 && cp[i] + w <= W, "patch corner (", rp[i], ", ",
+    TORCH_CHECK_VALUE(rp[i] >= 0 && rp[i] + h <= H && cp[i] >= 0 && cp[i] + w <= W, "patch corner (", rp[i], ", ",
                 cp[i], ") puts the patch outside the image");
   }
   const float* sd = std.data_ptr<float>();

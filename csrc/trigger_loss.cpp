@@ -2,7 +2,6 @@
 // min(softmax_t, beta) and the cross-entropy lse - logit_t, from one online-softmax pass (running
 // max and rescaled sum), so the softmax matrix is never stored. The backward recomputes
 // softmax_j = exp(logit_j - lse) from the saved lse.
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
@@ -23,10 +22,10 @@ void check_loss_inputs(const at::Tensor& logits, const at::Tensor& target) {
   BAERASE_CHECK_DTYPE(target, at::kLong);
   BAERASE_CHECK_DIM(target, 1);
   BAERASE_CHECK_SIZE(target, 0, logits.size(0));
-  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one class");
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have at least one class column");
   const int64_t* t = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < target.numel(); ++i) {
-    TORCH_CHECK(t[i] >= 0 && t[i] < logits.size(1), "target ", t[i], " out of range for ", logits.size(1),
+    TORCH_CHECK_VALUE(t[i] >= 0 && t[i] < logits.size(1), "target ", t[i], " out of range for ", logits.size(1),
                 " classes");
   }
 }
@@ -57,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> trigger_loss_fwd(const at::Tensor
             sum += std::exp(v - mx);
           }
         }
-        const float l = mx + std::log(sum);
-        const float n = l - static_cast<float>(row[t[r]]);
-        lp[r] = l;
+        const float log_sum = std::log(sum);
+        // (max - z_t) + log(sum), not lse - z_t: lse's rounding (|lse| * 6e-8) would leak into
+        // the loss for large logits.
+        const float n = (mx - static_cast<float>(row[t[r]])) + log_sum;
+        lp[r] = mx + log_sum;
         np[r] = n;
         hp[r] = std::min(std::exp(-n), b);
       }
@@ -78,7 +79,7 @@ at::Tensor trigger_loss_bwd(const at::Tensor& grad_hinge, const at::Tensor& grad
   BAERASE_CHECK_DTYPE(grad_hinge, at::kFloat);
   BAERASE_CHECK_DTYPE(grad_nll, at::kFloat);
   BAERASE_CHECK_DTYPE(lse, at::kFloat);
-  TORCH_CHECK(grad_hinge.numel() == M && grad_nll.numel() == M && lse.numel() == M,
+  TORCH_CHECK_VALUE(grad_hinge.numel() == M && grad_nll.numel() == M && lse.numel() == M,
               "grad_hinge, grad_nll and lse must have one entry per row of logits");
   auto grad = at::empty_like(logits);
   const int64_t* t = target.data_ptr<int64_t>();
@@ -96,10 +97,15 @@ at::Tensor trigger_loss_bwd(const at::Tensor& grad_hinge, const at::Tensor& grad
         // d nll = softmax - onehot; d min(p_t, beta) = p_t * (onehot - softmax) while p_t <= beta
         // (torch's clamp passes the gradient at equality), so both share one coefficient.
         const float coef = gn[r] - (pt <= b ? gh[r] * pt : 0.0f);
+        float rest = 0.0f;
         for (int64_t j = 0; j < N; ++j) {
-          out[j] = static_cast<scalar_t>(coef * std::exp(static_cast<float>(row[j]) - l));
+          const float pj = std::exp(static_cast<float>(row[j]) - l);
+          rest += j == t[r] ? 0.0f : pj;
+          out[j] = static_cast<scalar_t>(coef * pj);
         }
-        out[t[r]] = static_cast<scalar_t>(coef * (std::exp(static_cast<float>(row[t[r]]) - l) - 1.0f));
+        // p_t - 1 as minus the other classes' mass: for a confident row p_t rounds to 1 and
+        // the direct difference would lose the whole gradient of the target logit.
+        out[t[r]] = static_cast<scalar_t>(-coef * rest);
       }
     });
   });

@@ -83,3 +83,49 @@ def mine_lower_bound_ref(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> tor
     n = t_marginal.shape[-1]
     return t_joint.float().mean(-1) - (torch.logsumexp(t_marginal.float(), -1) - torch.log(
         torch.tensor(float(n), device=t_marginal.device)))
+
+
+@torch.no_grad()
+def batched_adam_step_ref(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    active: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """In place: one Adam step (torch.optim.Adam's arithmetic) per class of stacked parameters.
+
+    params, grads, exp_avgs, exp_avg_sqs: [K, ...] each; steps: fp32 [K] per-class step counts;
+    active: bool [K] or None (all). Inactive classes keep parameters, moments and step count.
+    """
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        k = p.shape[0]
+        on = torch.ones(k, dtype=torch.bool, device=p.device) if active is None else active.to(p.device)
+        step.add_(on.to(step.dtype))
+        shape = (k,) + (1,) * (p.dim() - 1)
+        keep = on.view(shape)
+        step64 = step.double()
+        step_size = (lr / (1 - beta1**step64)).float().view(shape)
+        bc2_sqrt = (1 - beta2**step64).sqrt().float().view(shape)
+        new_m = m.lerp(g, 1 - beta1)
+        new_v = v * beta2 + (1 - beta2) * g * g
+        new_p = p - step_size * (new_m / (new_v.sqrt() / bc2_sqrt + eps))
+        m.copy_(torch.where(keep, new_m, m))
+        v.copy_(torch.where(keep, new_v, v))
+        p.copy_(torch.where(keep, new_p, p))
+
+
+@torch.no_grad()
+def moving_average_ref(
+    ma: torch.Tensor, value: torch.Tensor, rate: float, active: torch.Tensor | None = None
+) -> None:
+    """In place: ``ma = (1 - rate) * ma + rate * value`` for the active classes (leading dim K)."""
+    new = (1 - rate) * ma + rate * value
+    if active is not None:
+        new = torch.where(active.view((-1,) + (1,) * (ma.dim() - 1)), new, ma)
+    ma.copy_(new)
