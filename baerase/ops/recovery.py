@@ -92,7 +92,7 @@ class BatchedAdam(torch.optim.Optimizer):
             raise InputError(f"betas must lie in [0, 1), got {betas}")
         if not eps >= 0:
             raise InputError(f"eps must be non-negative, got {eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() == 0:
