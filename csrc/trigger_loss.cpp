@@ -13,6 +13,8 @@ namespace {
 
 // Rows per task: a row of a 10-100 class head is a few hundred flops, so batch them.
 constexpr int64_t kRowGrain = 64;
+// Logits per online-softmax block: 1 KiB of fp32 stays in L1 between the max and the sum pass.
+constexpr int64_t kBlock = 256;
 
 void check_loss_inputs(const at::Tensor& logits, const at::Tensor& target) {
   BAERASE_CHECK_INPUT(logits);
@@ -30,6 +32,64 @@ void check_loss_inputs(const at::Tensor& logits, const at::Tensor& target) {
   }
 }
 
+// Online softmax over L1-sized blocks: the running sum is rescaled when a block raises the
+// running max, so each logit is read from memory once.
+template <typename T>
+void loss_fwd_row(const T* row, int64_t tr, int64_t N, float b, float* buf, float* hinge, float* nll,
+                  float* lse) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mx = kNegInf, sum = 0.0f;
+  for (int64_t lo = 0; lo < N; lo += kBlock) {
+    const int64_t n = std::min(kBlock, N - lo);
+    float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = static_cast<float>(row[lo + i]);
+      bm = std::max(bm, buf[i]);
+    }
+    if (bm > mx) {
+      sum *= vexp(mx - bm);
+      mx = bm;
+    }
+    if (mx == kNegInf) continue;  // every logit so far is -inf: nothing to add yet
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += vexp(buf[i] - mx);
+    sum += s;
+  }
+  const float log_sum = std::log(sum);
+  // (max - z_t) + log(sum), not lse - z_t: lse's rounding (|lse| * 6e-8) would leak into the
+  // loss for large logits.
+  const float n = (mx - static_cast<float>(row[tr])) + log_sum;
+  *lse = mx + log_sum;
+  *nll = n;
+  *hinge = std::min(std::exp(-n), b);
+}
+
+template <typename T>
+void loss_bwd_row(const T* row, T* out, int64_t tr, int64_t N, float l, float gh, float gn, float b) {
+  const float pt = std::exp(static_cast<float>(row[tr]) - l);
+  // d nll = softmax - onehot; d min(p_t, beta) = p_t * (onehot - softmax) while p_t <= beta
+  // (torch's clamp passes the gradient at equality), so both share one coefficient.
+  const float coef = gn - (pt <= b ? gh * pt : 0.0f);
+  // The target column is skipped and summed apart: p_t - 1 is minus the other classes' mass,
+  // exact for a confident row where p_t itself rounds to 1.
+  float rest = 0.0f;
+#pragma omp simd reduction(+ : rest)
+  for (int64_t j = 0; j < tr; ++j) {
+    const float pj = vexp(static_cast<float>(row[j]) - l);
+    rest += pj;
+    out[j] = static_cast<T>(coef * pj);
+  }
+#pragma omp simd reduction(+ : rest)
+  for (int64_t j = tr + 1; j < N; ++j) {
+    const float pj = vexp(static_cast<float>(row[j]) - l);
+    rest += pj;
+    out[j] = static_cast<T>(coef * pj);
+  }
+  out[tr] = static_cast<T>(-coef * rest);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> trigger_loss_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -43,26 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> trigger_loss_fwd(const at::Tensor
   const float b = static_cast<float>(beta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "trigger_loss_fwd", [&] {
     const scalar_t* lg = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, M, std::max<int64_t>(1, kRowGrain * 16 / std::min<int64_t>(N, kBlock)),
+                     [&](int64_t begin, int64_t end) {
+      float buf[kBlock];
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = lg + r * N;
-        float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-        for (int64_t j = 0; j < N; ++j) {
-          const float v = static_cast<float>(row[j]);
-          if (v > mx) {
-            sum = sum * std::exp(mx - v) + 1.0f;
-            mx = v;
-          } else {
-            sum += std::exp(v - mx);
-          }
-        }
-        const float log_sum = std::log(sum);
-        // (max - z_t) + log(sum), not lse - z_t: lse's rounding (|lse| * 6e-8) would leak into
-        // the loss for large logits.
-        const float n = (mx - static_cast<float>(row[t[r]])) + log_sum;
-        lp[r] = mx + log_sum;
-        np[r] = n;
-        hp[r] = std::min(std::exp(-n), b);
+        loss_fwd_row(lg + r * N, t[r], N, b, buf, hp + r, np + r, lp + r);
       }
     });
   });
@@ -80,7 +125,7 @@ at::Tensor trigger_loss_bwd(const at::Tensor& grad_hinge, const at::Tensor& grad
   BAERASE_CHECK_DTYPE(grad_nll, at::kFloat);
   BAERASE_CHECK_DTYPE(lse, at::kFloat);
   TORCH_CHECK_VALUE(grad_hinge.numel() == M && grad_nll.numel() == M && lse.numel() == M,
-              "grad_hinge, grad_nll and lse must have one entry per row of logits");
+                    "grad_hinge, grad_nll and lse must have one entry per row of logits");
   auto grad = at::empty_like(logits);
   const int64_t* t = target.data_ptr<int64_t>();
   const float *gh = grad_hinge.data_ptr<float>(), *gn = grad_nll.data_ptr<float>(), *lp = lse.data_ptr<float>();
@@ -88,24 +133,10 @@ at::Tensor trigger_loss_bwd(const at::Tensor& grad_hinge, const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "trigger_loss_bwd", [&] {
     const scalar_t* lg = logits.data_ptr<scalar_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, M, std::max<int64_t>(1, kRowGrain * 16 / std::min<int64_t>(N, kBlock)),
+                     [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = lg + r * N;
-        scalar_t* out = gp + r * N;
-        const float l = lp[r];
-        const float pt = std::exp(static_cast<float>(row[t[r]]) - l);
-        // d nll = softmax - onehot; d min(p_t, beta) = p_t * (onehot - softmax) while p_t <= beta
-        // (torch's clamp passes the gradient at equality), so both share one coefficient.
-        const float coef = gn[r] - (pt <= b ? gh[r] * pt : 0.0f);
-        float rest = 0.0f;
-        for (int64_t j = 0; j < N; ++j) {
-          const float pj = std::exp(static_cast<float>(row[j]) - l);
-          rest += j == t[r] ? 0.0f : pj;
-          out[j] = static_cast<scalar_t>(coef * pj);
-        }
-        // p_t - 1 as minus the other classes' mass: for a confident row p_t rounds to 1 and
-        // the direct difference would lose the whole gradient of the target logit.
-        out[t[r]] = static_cast<scalar_t>(-coef * rest);
+        loss_bwd_row(lg + r * N, gp + r * N, t[r], N, lp[r], gh[r], gn[r], b);
       }
     });
   });
