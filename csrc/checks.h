@@ -30,15 +30,38 @@
 #define BAERASE_CHECK_SIZE(t, d, n) \
   TORCH_CHECK_VALUE((t).size(d) == (n), #t ".size(" #d ") must be ", (n), ", got ", (t).size(d))
 
+// Hot loops are compiled twice: for the baseline ISA of the build flags and, on x86-64 with GCC or
+// Clang, for AVX2+FMA (twice the SIMD width), picked at run time by cpu_has_avx2(). The row
+// helpers are always_inline so each clone gets its own vectorised copy of them.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define BAERASE_AVX2_CLONE 1
+#define BAERASE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define BAERASE_INLINE inline __attribute__((always_inline))
+#else
+#define BAERASE_AVX2_CLONE 0
+#define BAERASE_TARGET_AVX2
+#define BAERASE_INLINE inline
+#endif
+
 namespace baerase {
+
+inline bool cpu_has_avx2() {
+#if BAERASE_AVX2_CLONE
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 // exp for loops the compiler vectorises: Cephes' expf (range reduction by ln 2 and a degree-5
 // polynomial, ~2 ulp), branch-free, so `#pragma omp simd` loops over it become SIMD code where
 // std::exp would stay one scalar libm call per element. Below -87.3 (exp < FLT_MIN) it returns 0,
 // as does exp(-inf).
-inline float vexp(float x) {
+BAERASE_INLINE float vexp(float x) {
   const float c = std::min(std::max(x, -87.33654f), 88.72283f);
-  const float fx = std::floor(c * 1.44269504088896341f + 0.5f);
+  // Round to nearest by the 1.5 * 2^23 trick: std::floor would stay a libm call and block SIMD.
+  const float fx = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (c - fx * 0.693359375f) + fx * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
