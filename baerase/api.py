@@ -1,0 +1,225 @@
+"""The public entry points: ``scan`` (recover + detect), ``erase`` (unlearn + verify), ``audit``."""
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, ops
+from .config import Config
+from .data import as_tensors, split
+from .detect import anomaly_index, flag_classes, score_values
+from .errors import InputError
+from .recover import TriggerSet, attack_success, frozen, recover
+from .report import ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
+from .unlearn import unlearn
+from .validate import check_images, check_labels, check_model, check_normalize, probe_classes
+
+Normalize = tuple[Any, Any] | None
+_MAX_ERASE_ROUNDS = 3  # unlearn -> re-scan rounds before an erase is reported unverified
+
+
+class _Session:
+    """Validated inputs shared by scan and erase: data on the model's device, the normalisation,
+    the number of classes and the deterministic fit/validation split."""
+
+    def __init__(self, model, images, labels, normalize: Normalize, config: Config | None) -> None:
+        self.config = Config() if config is None else config
+        if not isinstance(self.config, Config):
+            raise InputError(f"config must be a baerase.Config, got {type(self.config).__name__}")
+        self.model = check_model(model)
+        if labels is None:
+            images, labels = as_tensors(images)
+        images = check_images(images)
+        labels = check_labels(labels, len(images))
+        self.device = torch.device(self.config.device) if self.config.device else _model_device(self.model)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.mean, self.std = check_normalize(normalize, images.shape[1], self.device)
+        self.num_classes = probe_classes(self.model, self.images, self.labels, self.mean, self.std)
+        val = self.config.val_fraction
+        (fx, fy), (vx, vy) = split(self.images, self.labels, [1 - val, val], seed=self.config.seed)
+        self.fit, self.val = (fx, fy), (vx[: max(self.config.eval_samples, 1)], vy[: max(self.config.eval_samples, 1)])
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Seeded, with the requested backend, without touching the caller's global RNG."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), ops.use_backend(self.config.backend):
+            torch.manual_seed(self.config.seed)
+            yield
+
+    def provenance(self) -> dict:
+        return {
+            "baerase": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(self.device), "seed": self.config.seed,
+            "model_sha256": sha256_model(self.model), "data_sha256": sha256_tensors(self.images, self.labels),
+        }
+
+    def recover(self, model: nn.Module, targets: list[int], desc: str) -> tuple[TriggerSet, torch.Tensor]:
+        """Recovered triggers for ``targets`` and their attack success on the validation split."""
+        with _progress(len(targets) * self.config.steps, desc, self.config.progress) as bar, frozen(model):
+            triggers = recover(model, *self.fit, targets, self.config, self.mean, self.std, on_step=bar.update)
+            return triggers, attack_success(triggers, model, *self.val, self.mean, self.std)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _side(family: str) -> str:
+    return "low" if family == "mask" else "high"
+
+
+def scan(
+    model: nn.Module,
+    images: torch.Tensor | Any,
+    labels: torch.Tensor | None = None,
+    *,
+    normalize: Normalize = None,
+    config: Config | None = None,
+) -> ScanReport:
+    """Recover a trigger distribution for every candidate class and flag the backdoored ones.
+
+    Args:
+        model: classifier mapping [N, C, H, W] -> logits [N, K]; it is not modified.
+        images: clean float images [N, C, H, W] in [0, 1] (or a Dataset / DataLoader, labels None).
+        labels: int64 [N] in [0, K).
+        normalize: optional per-channel (mean, std) applied before the model is called.
+        config: ``baerase.Config``; defaults to ``Config()`` (``Config.paper()`` for the paper).
+    Returns:
+        ScanReport with ``flagged`` (sorted list of backdoored classes), ``classes`` (per-class
+        evidence) and ``to_json()``.
+    """
+    start = time.perf_counter()
+    session = _Session(model, images, labels, normalize, config)
+    cfg = session.config
+    targets = list(range(session.num_classes)) if cfg.classes is None else _check_targets(cfg.classes, session.num_classes)
+    with session.running():
+        backend = ops.backend_for("trigger_apply", session.device)
+        triggers, success = session.recover(model, targets, "baerase scan")
+    index, flagged = flag_classes(triggers.norms(), success, cfg.anomaly_threshold, cfg.min_attack_success,
+                                  _side(cfg.family))
+    classes = [
+        ClassResult(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a), flagged=bool(f))
+        for t, s, n, a, f in zip(targets, success.tolist(), triggers.norms().tolist(), index.tolist(), flagged.tolist())
+    ]
+    return ScanReport(classes=classes, num_classes=session.num_classes, image_shape=tuple(session.images.shape[1:]),
+                      family=cfg.family, backend=backend, config=cfg.to_dict(), seconds=time.perf_counter() - start,
+                      provenance=session.provenance(), triggers=triggers)
+
+
+def _check_targets(classes, k: int) -> list[int]:
+    targets = sorted({int(c) for c in classes})
+    if not targets or targets[0] < 0 or targets[-1] >= k:
+        raise InputError(f"config.classes must be class indices in [0, {k}), got {list(classes)}")
+    return targets
+
+
+def erase(
+    model: nn.Module,
+    images: torch.Tensor | Any,
+    labels: torch.Tensor | None,
+    report: ScanReport,
+    *,
+    normalize: Normalize = None,
+    config: Config | None = None,
+) -> EraseResult:
+    """Unlearn every flagged class of ``report`` from a copy of ``model``, then verify by re-scan.
+
+    The clean accuracy on a held-out validation split never drops by more than
+    ``config.max_accuracy_drop``. Returns EraseResult with the repaired ``model`` (the input model
+    is never modified), ``history``, ``verified`` and the re-scan ``evidence``.
+    """
+    start = time.perf_counter()
+    if not isinstance(report, ScanReport):
+        raise InputError(f"report must be the ScanReport returned by baerase.scan, got {type(report).__name__}")
+    session = _Session(model, images, labels, normalize, config)
+    cfg = session.config
+    if report.num_classes != session.num_classes:
+        raise InputError(f"the report is for a {report.num_classes}-class model but this model has {session.num_classes}")
+    flagged = report.flagged
+    if not flagged:
+        repaired = _frozen_copy(model)
+        acc = _accuracy(repaired, session)
+        return EraseResult(model=repaired, history=[], erased=[], verified=True, evidence=[], accuracy_before=acc,
+                           accuracy_after=acc, trigger_asr_before=0.0, trigger_asr_after=0.0, rounds=0,
+                           seconds=time.perf_counter() - start)
+    if report.triggers is None:
+        raise InputError("the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output")
+    positions = [report.triggers.targets.tolist().index(t) for t in flagged]
+    triggers = report.triggers.to(session.device).select(positions)
+    side = _side(report.family)
+    clean = [c for c in report.classes if not c.flagged]
+    reference = score_values(torch.tensor([c.trigger_norm for c in clean]), torch.tensor([c.attack_success for c in clean]), side)
+
+    current, history, first, evidence = model, [], None, []
+    with session.running():
+        for round_ in range(1, _MAX_ERASE_ROUNDS + 1):
+            outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,
+                              session.num_classes)
+            first = first or outcome
+            history += [dict(row, round=round_) for row in outcome.history]
+            current = outcome.model
+            rescan, success = session.recover(current, flagged, f"baerase verify (round {round_})")
+            values = score_values(rescan.norms(), success, side)
+            index = anomaly_index(values, side, reference=reference)
+            still = (index > cfg.anomaly_threshold) & (success >= cfg.min_attack_success)
+            evidence = [dict(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a),
+                             backdoor_found=bool(f))
+                        for t, s, n, a, f in zip(flagged, success.tolist(), rescan.norms().tolist(), index.tolist(),
+                                                 still.tolist())]
+            if not still.any():
+                break
+            # The re-scan found a trigger the last round missed: unlearn both next round.
+            triggers = TriggerSet.concat([triggers, rescan.select(torch.nonzero(still).flatten())])
+    repaired = _frozen_copy(current)
+    return EraseResult(model=repaired, history=history, erased=flagged, verified=not still.any(), evidence=evidence,
+                       accuracy_before=first.accuracy_before, accuracy_after=_accuracy(repaired, session),
+                       trigger_asr_before=first.trigger_asr_before, trigger_asr_after=outcome.trigger_asr_after,
+                       rounds=round_, seconds=time.perf_counter() - start)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    repaired = copy.deepcopy(model).eval()
+    for p in repaired.parameters():
+        p.requires_grad_(False)
+    return repaired
+
+
+def _accuracy(model: nn.Module, session: _Session) -> float:
+    from .unlearn import clean_accuracy
+
+    return clean_accuracy(model, *session.val, session.mean, session.std)
+
+
+def audit(
+    model: nn.Module,
+    images: torch.Tensor | Any,
+    labels: torch.Tensor | None = None,
+    *,
+    normalize: Normalize = None,
+    config: Config | None = None,
+) -> tuple[ScanReport, EraseResult]:
+    """``scan`` then ``erase``: returns (report, result)."""
+    report = scan(model, images, labels, normalize=normalize, config=config)
+    return report, erase(model, images, labels, report, normalize=normalize, config=config)

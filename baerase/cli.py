@@ -1,0 +1,158 @@
+"""Command line: ``baerase demo | scan | erase | audit``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import PRESETS, Config
+from .errors import BaeraseError
+
+
+def _parse_normalize(text: str | None):
+    if not text:
+        return None
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"baerase: --normalize wants MEAN:STD with comma-separated channels, e.g. "
+                         f"0.49,0.48,0.45:0.25,0.24,0.26; got {text!r}") from None
+    return mean, std
+
+
+def _parse_kwargs(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"baerase: --arch-arg wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _config(args) -> Config:
+    changes = {k: getattr(args, k) for k in ("steps", "family", "seed", "backend", "device") if getattr(args, k, None) is not None}
+    if getattr(args, "classes", None):
+        changes["classes"] = tuple(int(c) for c in args.classes.split(","))
+    changes["progress"] = not args.quiet
+    return PRESETS[args.preset](**changes)
+
+
+def _load_inputs(args):
+    from .data import load_dataset
+    from .models import load_model
+
+    model = load_model(args.model, args.arch, trust_pickle=args.trust_pickle, **_parse_kwargs(args.arch_arg))
+    images, labels = load_dataset(args.data)
+    return model, images, labels, _parse_normalize(args.normalize)
+
+
+def _cmd_scan(args) -> int:
+    from .api import scan
+    from .report import write_outputs
+
+    model, images, labels, normalize = _load_inputs(args)
+    report = scan(model, images, labels, normalize=normalize, config=_config(args))
+    print(report.summary())
+    if args.out:
+        print(f"\nwrote {write_outputs(args.out, report, images, overwrite=args.overwrite)}")
+    return 0
+
+
+def _cmd_erase(args) -> int:
+    from .api import erase
+    from .report import ScanReport, write_outputs
+
+    model, images, labels, normalize = _load_inputs(args)
+    report = ScanReport.load(args.report)
+    result = erase(model, images, labels, report, normalize=normalize, config=_config(args))
+    print(result.summary())
+    print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
+    return 0 if result.verified else 3
+
+
+def _cmd_audit(args) -> int:
+    from .api import audit
+    from .report import write_outputs
+
+    model, images, labels, normalize = _load_inputs(args)
+    report, result = audit(model, images, labels, normalize=normalize, config=_config(args))
+    print(report.summary() + "\n\n" + result.summary())
+    print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
+    return 0 if result.verified else 3
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(attack=args.attack, target=args.target, out=args.out, overwrite=args.overwrite,
+                    config=_config(args))
+
+
+def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
+    p.add_argument("model", help="model file: safetensors / .pt state dict (needs --arch), TorchScript, "
+                                 "or a pickled model with --trust-pickle")
+    p.add_argument("--arch", help="architecture: a registry name (small_cnn, resnet18) or module:callable")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="argument for the architecture, e.g. num_classes=10 (repeatable)")
+    p.add_argument("--data", required=True, help="clean hold-out data: .npz, image folder, CIFAR batches, "
+                                                 "GTSRB folder, idx file, or a built-in name (mnist, colour10)")
+    p.add_argument("--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a full pickled model (runs code from the file)")
+    p.add_argument("--out", required=needs_out, help="output directory (report.json, report.md, triggers, model)")
+    _options(p)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings")
+    p.add_argument("--steps", type=int, help="recovery steps per class")
+    p.add_argument("--family", choices=["mask", "patch"], help="trigger family")
+    p.add_argument("--classes", help="comma-separated candidate target classes (default: all)")
+    p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")
+    p.add_argument("--device", help="torch device (default: the model's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baerase", description="Find and erase backdoors in image classifiers.")
+    parser.add_argument("--version", action="version", version=f"baerase {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a backdoored MNIST model, scan it, erase the backdoor")
+    demo.add_argument("--attack", choices=["badnets", "blended", "trojan"], default="badnets")
+    demo.add_argument("--target", type=int, default=0)
+    demo.add_argument("--out", help="also write the report and repaired model here")
+    _options(demo)
+    demo.set_defaults(func=_cmd_demo)
+    for name, func, help_, needs_out in (("scan", _cmd_scan, "recover triggers and flag backdoored classes", False),
+                                         ("erase", _cmd_erase, "unlearn the classes flagged in a scan report", True),
+                                         ("audit", _cmd_audit, "scan then erase", True)):
+        p = sub.add_parser(name, help=help_)
+        _common(p, needs_out)
+        if name == "erase":
+            p.add_argument("--report", required=True, help="output directory of an earlier scan")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BaeraseError as exc:
+        print(f"baerase: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("baerase: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

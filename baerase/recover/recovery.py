@@ -1,0 +1,198 @@
+"""Step 1 of BAERASE: train an entropy-maximising trigger generator for every candidate class.
+
+All candidates of a chunk share each forward/backward pass of the (frozen) suspect model:
+their triggered images are stacked into one [K * B, C, H, W] batch.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import Config
+from ..errors import DivergenceError
+from .generator import mine_estimate
+from .memory import plan_chunk_size
+from .triggers import TriggerSet
+
+log = logging.getLogger("baerase")
+
+_PATIENCE = 5  # steps of (un)successful attack before the mask cost moves (Neural Cleanse's rule)
+_COST_UP, _COST_DOWN = 1.5, 1.5**1.5
+_MAX_BAD_STEPS = 20  # non-finite steps tolerated (each skipped) before giving up
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients for the duration; the caller's flags are restored."""
+    flags = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def recover(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    targets: list[int],
+    config: Config,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TriggerSet:
+    """Recover a trigger distribution for each class in ``targets``.
+
+    images [N, C, H, W] in [0, 1] and labels [N] on the model's device; ``mean``/``std`` [C]
+    normalise inside. Returns the TriggerSet holding, per class, the smallest trigger that still
+    flipped ``config.success_threshold`` of a batch (mask family) or the final one (patch family).
+    """
+    chunk = config.chunk_size or plan_chunk_size(
+        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.batch_size,
+        len(targets), config.memory_budget)
+    parts, start = [], 0
+    while start < len(targets):
+        piece = targets[start:start + chunk]
+        try:
+            parts.append(_recover_chunk(model, images, labels, piece, config, mean, std, on_step))
+            start += len(piece)
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: retrying with %d candidate classes per chunk", chunk)
+    return TriggerSet.concat(parts)
+
+
+def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -> TriggerSet:
+    device = images.device
+    triggers = TriggerSet(targets, tuple(images.shape[1:]), family=config.family, patch_size=config.patch_size,
+                          latent_dim=config.latent_dim, hidden=config.hidden,
+                          mine_hidden=config.mine_hidden).to(device)
+    groups = [{"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.lr}]
+    if config.family == "mask":
+        groups.append({"params": [triggers.mask_logits], "lr": config.mask_lr})
+    optimizer = torch.optim.Adam(groups, betas=config.betas)
+
+    k, b = len(triggers), config.batch_size
+    area = images.shape[-1] * images.shape[-2]
+    target_rows = triggers.targets.repeat_interleave(b)
+    tracker = _MaskCostTracker(k, config, device)
+    best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
+    bad_steps = 0
+    for _ in range(config.steps):
+        batch = torch.randint(0, len(labels), (b,), device=device)
+        x, y = images[batch], labels[batch]
+        # A class's own images prove nothing about its trigger: they carry no weight in its loss.
+        weight = (y.unsqueeze(0) != triggers.targets.unsqueeze(1)).float()
+        weight_sum = weight.sum(1).clamp(min=1)
+
+        z, g = triggers.sample(b, config.noise_std)
+        logits = model(triggers.stamp(x, g, mean, std).flatten(0, 1))
+        hinge, _ = ops.trigger_loss(logits, target_rows, config.beta)
+        attack = (hinge.view(k, b) * weight).sum(1) / weight_sum
+        surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.mine_ma_rate)
+        norm = triggers.norms() / area
+        loss = (-attack - config.alpha * surrogate + tracker.cost * norm).sum()
+        if not torch.isfinite(loss):
+            bad_steps += 1
+            if bad_steps > _MAX_BAD_STEPS:
+                raise DivergenceError("trigger recovery kept producing NaN/inf losses; check the model and data")
+            continue
+
+        with torch.no_grad():
+            flipped = (logits.argmax(1) == target_rows).view(k, b).float()
+            success = (flipped * weight).sum(1) / weight_sum
+            if config.family == "mask":
+                improved = tracker.update(success, norm.detach())
+                _keep_where(best, triggers.state_dict(), improved)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(k)
+
+    if config.family == "mask":
+        # Classes that never reached the success threshold keep their last state.
+        _keep_where(best, triggers.state_dict(), ~tracker.found_any)
+        triggers.load_state_dict(best)
+    return triggers
+
+
+def _keep_where(best: dict, current: dict, rows: torch.Tensor) -> None:
+    """Copy ``current`` into ``best`` for the candidate rows selected by bool [K] ``rows``."""
+    if not rows.any():
+        return
+    for name, value in current.items():
+        if value.dim() == 0 or value.shape[0] != rows.shape[0]:
+            continue
+        shape = (-1,) + (1,) * (value.dim() - 1)
+        best[name].copy_(torch.where(rows.view(shape), value.detach(), best[name]))
+
+
+class _MaskCostTracker:
+    """Per-class weight of the mask-mass penalty, adapted as Neural Cleanse does: zero until the
+    trigger first works, then up while it keeps working and down while it fails, so each class
+    ends at the smallest mask that still flips the model. Also tracks each class's best mask."""
+
+    def __init__(self, k: int, config: Config, device: torch.device) -> None:
+        self.cost = torch.zeros(k, device=device)
+        self.initial, self.threshold = config.mask_cost, config.success_threshold
+        self.up = torch.zeros(k, device=device)
+        self.down = torch.zeros(k, device=device)
+        self.found_any = torch.zeros(k, dtype=torch.bool, device=device)
+        self.best_norm = torch.full((k,), float("inf"), device=device)
+
+    def update(self, success: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        works = success >= self.threshold
+        self.cost = torch.where(works & ~self.found_any, torch.full_like(self.cost, self.initial), self.cost)
+        self.found_any |= works
+        self.up = torch.where(works, self.up + 1, torch.zeros_like(self.up))
+        self.down = torch.where(works, torch.zeros_like(self.down), self.down + 1)
+        raise_cost = self.found_any & (self.up >= _PATIENCE)
+        lower_cost = self.found_any & (self.down >= _PATIENCE)
+        self.cost = torch.where(raise_cost, self.cost * _COST_UP, self.cost)
+        self.cost = torch.where(lower_cost, self.cost / _COST_DOWN, self.cost)
+        self.up = torch.where(raise_cost, torch.zeros_like(self.up), self.up)
+        self.down = torch.where(lower_cost, torch.zeros_like(self.down), self.down)
+        improved = works & (norm < self.best_norm)
+        self.best_norm = torch.where(improved, norm, self.best_norm)
+        return improved
+
+
+@torch.no_grad()
+def attack_success(
+    triggers: TriggerSet,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Share of images (label != target) that fresh triggers of each class flip to it: [K]."""
+    k = len(triggers)
+    hits = torch.zeros(k, device=images.device)
+    counts = torch.zeros(k, device=images.device)
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        if len(y) < 2:  # the generator's batch statistics need two samples
+            x, y = images[-2:], labels[-2:]
+        _, g = triggers.sample(len(y))
+        pred = model(triggers.stamp(x, g, mean, std).flatten(0, 1)).argmax(1).view(k, -1)
+        valid = y.unsqueeze(0) != triggers.targets.unsqueeze(1)
+        hits += ((pred == triggers.targets.unsqueeze(1)) & valid).sum(1)
+        counts += valid.sum(1)
+    return hits / counts.clamp(min=1)

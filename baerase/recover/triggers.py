@@ -1,0 +1,113 @@
+"""Recovered trigger distributions for a set of candidate target classes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .generator import StatisticsNetwork, TriggerGenerator
+
+
+class TriggerSet(nn.Module):
+    """One trigger distribution per candidate target class, stacked along dim 0.
+
+    ``mask`` family: x' = x + m * (p - x) with a learned mask m [1, H, W] per class and patterns p
+    drawn from the class's generator. ``patch`` family (the paper's): a generated h x w patch
+    pasted at a random position of each image.
+    """
+
+    def __init__(
+        self,
+        targets: list[int],
+        image_shape: tuple[int, int, int],
+        *,
+        family: str = "mask",
+        patch_size: int = 3,
+        latent_dim: int = 64,
+        hidden: int = 256,
+        mine_hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.meta = dict(image_shape=list(image_shape), family=family, patch_size=patch_size,
+                         latent_dim=latent_dim, hidden=hidden, mine_hidden=mine_hidden)
+        k = len(targets)
+        out = channels * height * width if family == "mask" else channels * patch_size * patch_size
+        self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
+        self.generator = TriggerGenerator(k, latent_dim, hidden, out)
+        self.stats = StatisticsNetwork(k, latent_dim, out, mine_hidden)
+        self.register_buffer("moving_avg", torch.full((k,), float("nan")))
+        if family == "mask":
+            # Start from a half-opaque mask over the whole image: every class is reachable at first,
+            # then the mass penalty shrinks the mask to what the class really needs.
+            self.mask_logits = nn.Parameter(torch.zeros(k, 1, height, width))
+
+    @property
+    def family(self) -> str:
+        return self.meta["family"]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def sample(self, n: int, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw n latent codes per class and their triggers: (z [K, n, latent], g [K, n, D])."""
+        z = torch.rand(len(self), n, self.meta["latent_dim"], device=self.targets.device)
+        g = self.generator(z)
+        if noise_std > 0:
+            g = (g + noise_std * torch.randn_like(g)).clamp(0, 1)
+        return z, g
+
+    def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None,
+              shift: tuple[int, int] | None = None) -> torch.Tensor:
+        """Apply each class's triggers g [K, B, D] to x [B, C, H, W] -> normalised [K, B, C, H, W].
+
+        ``shift`` (rows, cols) moves a mask-family trigger cyclically, so that unlearning also
+        covers a trigger the attacker may place anywhere.
+        """
+        k, b = g.shape[:2]
+        c, h, w = x.shape[1:]
+        if self.family == "mask":
+            mask, pattern = self.mask_logits, g.view(k, b, c, h, w)
+            if shift is not None:
+                mask, pattern = mask.roll(shift, (-2, -1)), pattern.roll(shift, (-2, -1))
+            return ops.trigger_apply(x, mask, pattern, mean, std)
+        p = self.meta["patch_size"]
+        rows = torch.randint(0, h - p + 1, (k, b), device=x.device)
+        cols = torch.randint(0, w - p + 1, (k, b), device=x.device)
+        return ops.patch_apply(x, g.view(k, b, c, p, p), rows, cols, mean, std)
+
+    def norms(self) -> torch.Tensor:
+        """Trigger mass per class [K]: L1 norm of the mask, or the patch area."""
+        if self.family == "mask":
+            return torch.sigmoid(self.mask_logits).sum((1, 2, 3))
+        p = self.meta["patch_size"]
+        return torch.full((len(self),), float(p * p), device=self.targets.device)
+
+    def select(self, index: list[int] | torch.Tensor) -> TriggerSet:
+        """A new TriggerSet holding only the classes at positions ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.targets.device)
+        targets = self.targets[index].tolist()
+        picked = TriggerSet(targets, tuple(self.meta["image_shape"]), **_kwargs(self.meta))
+        picked.load_state_dict({k: v[index].clone() for k, v in self.state_dict().items()})
+        return picked.to(self.targets.device)
+
+    @staticmethod
+    def concat(parts: list[TriggerSet]) -> TriggerSet:
+        """Stack several TriggerSets (same family and shapes) into one."""
+        first = parts[0]
+        targets = [t for part in parts for t in part.targets.tolist()]
+        joined = TriggerSet(targets, tuple(first.meta["image_shape"]), **_kwargs(first.meta))
+        states = [part.state_dict() for part in parts]
+        joined.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
+        return joined.to(first.targets.device)
+
+    @staticmethod
+    def from_state(meta: dict, state: dict[str, torch.Tensor]) -> TriggerSet:
+        """Rebuild a TriggerSet saved as (meta, state_dict)."""
+        triggers = TriggerSet(state["targets"].tolist(), tuple(meta["image_shape"]), **_kwargs(meta))
+        triggers.load_state_dict(state)
+        return triggers
+
+
+def _kwargs(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "image_shape"}

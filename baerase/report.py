@@ -1,0 +1,231 @@
+"""What a scan and an erase return, and how they are written to disk."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .recover import TriggerSet
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ClassResult:
+    """Evidence for one candidate target class."""
+
+    target: int
+    attack_success: float  # share of held-out non-target images its recovered trigger flips
+    trigger_norm: float  # L1 mass of the recovered mask (pixels), or the patch area
+    anomaly_index: float  # MAD anomaly index of the trigger (higher = more suspicious)
+    flagged: bool
+
+
+@dataclass
+class ScanReport:
+    """Result of ``baerase.scan``: per-class evidence and the classes judged backdoored."""
+
+    classes: list[ClassResult]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    family: str
+    backend: str
+    config: dict
+    seconds: float
+    provenance: dict = field(default_factory=dict)
+    triggers: TriggerSet | None = field(default=None, repr=False)  # recovered distributions
+
+    @property
+    def flagged(self) -> list[int]:
+        """Sorted classes judged backdoored ([] for a clean model)."""
+        return sorted(c.target for c in self.classes if c.flagged)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "flagged": self.flagged,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "family": self.family,
+            "backend": self.backend,
+            "seconds": round(self.seconds, 3),
+            "classes": [asdict(c) for c in self.classes],
+            "config": _jsonable(self.config),
+            "provenance": self.provenance,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Machine-readable report with stable keys."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        verdict = f"backdoored: classes {self.flagged}" if self.flagged else "no backdoor found"
+        lines = [f"Scan of {self.num_classes} classes ({self.family} triggers, {self.backend} backend, "
+                 f"{self.seconds:.1f}s): {verdict}", "", "| class | attack success | trigger norm | anomaly index | flagged |",
+                 "|---:|---:|---:|---:|:---:|"]
+        for c in self.classes:
+            lines.append(f"| {c.target} | {c.attack_success:.3f} | {c.trigger_norm:.1f} | {c.anomaly_index:.2f} | "
+                         f"{'yes' if c.flagged else ''} |")
+        return "\n".join(lines)
+
+    @staticmethod
+    def load(directory: str | os.PathLike) -> ScanReport:
+        """Read a report written by ``write_outputs`` (with its recovered triggers)."""
+        directory = Path(directory)
+        try:
+            data = json.loads((directory / "report.json").read_text())
+            scan = data.get("scan", data)
+            classes = [ClassResult(**c) for c in scan["classes"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"cannot read a baerase report from {directory}: {exc}") from None
+        triggers = None
+        if (directory / "triggers.safetensors").exists():
+            from safetensors.torch import load_file
+
+            meta = json.loads((directory / "triggers.json").read_text())
+            triggers = TriggerSet.from_state(meta, load_file(str(directory / "triggers.safetensors")))
+        return ScanReport(classes=classes, num_classes=scan["num_classes"], image_shape=tuple(scan["image_shape"]),
+                          family=scan["family"], backend=scan["backend"], config=scan["config"],
+                          seconds=scan["seconds"], provenance=scan.get("provenance", {}), triggers=triggers)
+
+
+@dataclass
+class EraseResult:
+    """Result of ``baerase.erase``: the repaired copy of the model and the evidence."""
+
+    model: nn.Module
+    history: list[dict]  # per guard evaluation: step, clean_accuracy, trigger_asr (round added)
+    erased: list[int]  # classes unlearned
+    verified: bool  # a fresh scan of the repaired model no longer finds these backdoors
+    evidence: list[dict]  # per erased class: the re-scan's attack_success, trigger_norm, anomaly_index
+    accuracy_before: float  # clean accuracy on the held-out validation split
+    accuracy_after: float
+    trigger_asr_before: float  # recovered-trigger attack success on the validation split
+    trigger_asr_after: float
+    rounds: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        keys = ("erased", "verified", "evidence", "accuracy_before", "accuracy_after", "trigger_asr_before",
+                "trigger_asr_after", "rounds", "history")
+        out = {k: getattr(self, k) for k in keys}
+        out["seconds"] = round(self.seconds, 3)
+        return _jsonable(out)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        if not self.erased:
+            return "Nothing to erase: no class was flagged."
+        state = "verified: a re-scan finds no backdoor" if self.verified else "NOT verified: a re-scan still finds a trigger"
+        return (f"Erased classes {self.erased} in {self.rounds} round(s), {self.seconds:.1f}s; {state}.\n"
+                f"Validation clean accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}; "
+                f"recovered-trigger success {self.trigger_asr_before:.3f} -> {self.trigger_asr_after:.3f}.")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
+
+
+def sha256_tensors(*tensors: torch.Tensor) -> str:
+    """Hash of tensors' contents (for the audit trail)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sha256_model(model: nn.Module) -> str:
+    return sha256_tensors(*(v for v in model.state_dict().values() if isinstance(v, torch.Tensor)))
+
+
+def _png(array: np.ndarray, path: Path, scale: int) -> None:
+    from PIL import Image
+
+    image = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    pil = Image.fromarray(image)
+    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
+def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> None:
+    """Per class: the mask (mask family), one generated trigger and one stamped image."""
+    triggers = report.triggers
+    folder.mkdir()
+    _, g = triggers.sample(8)
+    stamped = triggers.stamp(images[:8].to(g.device), g)
+    scale = max(1, 128 // max(report.image_shape[1:]))
+    c, h, w = report.image_shape
+    for i, target in enumerate(triggers.targets.tolist()):
+        _png(stamped[i, 0].cpu().numpy(), folder / f"class_{target}_stamped.png", scale)
+        if triggers.family == "mask":
+            _png(torch.sigmoid(triggers.mask_logits[i]).cpu().numpy(), folder / f"class_{target}_mask.png", scale)
+            _png(g[i, 0].view(c, h, w).cpu().numpy(), folder / f"class_{target}_pattern.png", scale)
+        else:
+            p = triggers.meta["patch_size"]
+            _png(g[i, 0].view(c, p, p).cpu().numpy(), folder / f"class_{target}_patch.png", scale * 4)
+
+
+def write_outputs(
+    out_dir: str | os.PathLike,
+    report: ScanReport,
+    images: torch.Tensor,
+    result: EraseResult | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write report.json, report.md, trigger PNGs, the recovered triggers and (after an erase) the
+    repaired model to ``out_dir``, all or nothing: everything is written to a temporary folder
+    beside it and renamed into place. An existing ``out_dir`` is replaced only with ``overwrite``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        document = {"scan": report.to_dict()}
+        markdown = ["# baerase report", "", report.summary()]
+        if result is not None:
+            document["erase"] = result.to_dict()
+            markdown += ["", "## Erase", "", result.summary()]
+            state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+            save_file(state, str(staging / "model.safetensors"))
+        (staging / "report.json").write_text(json.dumps(document, indent=2))
+        (staging / "report.md").write_text("\n".join(markdown) + "\n")
+        if report.triggers is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in report.triggers.state_dict().items()}
+            save_file(state, str(staging / "triggers.safetensors"))
+            (staging / "triggers.json").write_text(json.dumps(report.triggers.meta))
+            _trigger_images(report, images, staging / "triggers")
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,150 @@
+"""Step 3 of BAERASE: erase the backdoor by unlearning the recovered triggers, under a guard.
+
+Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged class t:
+    L = alpha_u * CE(f(x), y) - min(CE(f(x'), t), cap) + lambda * ||theta - theta_0||_1
+The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
+triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
+accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
+few steps, keeps the best checkpoint within the allowed accuracy loss and stops once fresh
+recovered triggers no longer work.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import Config
+from .recover import TriggerSet, attack_success
+
+_EVAL_EVERY = 10  # optimisation steps between guard evaluations
+
+
+@dataclass
+class UnlearnOutcome:
+    """The guarded model and the record of how it got there."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)  # one row per guard evaluation
+    accuracy_before: float = 0.0
+    accuracy_after: float = 0.0
+    trigger_asr_before: float = 0.0
+    trigger_asr_after: float = 0.0
+    steps: int = 0
+    rolled_back: int = 0  # steps undone because they produced NaN/inf
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean=None, std=None,
+                   batch_size: int = 256) -> float:
+    """Share of images [N, C, H, W] classified as their label (normalised with mean/std first)."""
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size]
+        x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum().item()
+    return correct / max(len(labels), 1)
+
+
+def unlearn(
+    model: nn.Module,
+    triggers: TriggerSet,
+    fit: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: Config,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> UnlearnOutcome:
+    """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
+
+    fit, val: (images [N, C, H, W] in [0, 1], labels [N]) for the updates and for the guard.
+    """
+    repaired = copy.deepcopy(model)
+    # Eval mode while training: BatchNorm statistics must not drift toward triggered inputs.
+    repaired.eval()
+    for p in repaired.parameters():
+        p.requires_grad_(True)
+    for p in triggers.parameters():
+        p.requires_grad_(False)
+    anchor = [p.detach().clone() for p in repaired.parameters()]
+    optimizer = torch.optim.SGD(repaired.parameters(), lr=config.unlearn_lr, momentum=0.9)
+    cap = math.log(2 * (num_classes or 2))
+
+    x_fit, y_fit = fit
+    x_val, y_val = val
+    k = len(triggers)
+
+    def score(step: int) -> dict:
+        return {
+            "step": step,
+            "clean_accuracy": clean_accuracy(repaired, x_val, y_val, mean, std),
+            "trigger_asr": attack_success(triggers, repaired, x_val, y_val, mean, std).max().item(),
+        }
+
+    first = score(0)
+    history = [first]
+    floor = first["clean_accuracy"] - config.max_accuracy_drop
+    best_state, best = copy.deepcopy(repaired.state_dict()), first
+    steps_per_epoch = max(1, math.ceil(len(y_fit) / config.unlearn_batch_size))
+    total = config.unlearn_epochs * steps_per_epoch
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    rolled_back, step = 0, 0
+    h, w = x_fit.shape[-2:]
+    while step < total and best["trigger_asr"] > config.asr_stop:
+        order = torch.randperm(len(y_fit), generator=generator).to(x_fit.device)
+        for batch in order.split(config.unlearn_batch_size):
+            x, y = x_fit[batch], y_fit[batch]
+            if len(y) < 2:
+                continue
+            shift = None
+            if step % 2 == 1:  # every other step: the trigger moved to a random place
+                shift = (int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator)))
+            with torch.no_grad():
+                _, g = triggers.sample(len(y))
+                stamped = triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1)
+            clean_x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            logits = repaired(torch.cat([clean_x, stamped]))
+            clean_loss = F.cross_entropy(logits[: len(y)], y)
+            target_rows = triggers.targets.repeat_interleave(len(y))
+            _, nll = ops.trigger_loss(logits[len(y):], target_rows, 1.0)
+            valid = (y.repeat(k) != target_rows).float()
+            ascent = (torch.clamp(nll, max=cap) * valid).sum() / valid.sum().clamp(min=1)
+            drift = sum((p - a).abs().sum() for p, a in zip(repaired.parameters(), anchor))
+            loss = config.alpha_u * clean_loss - ascent + config.weight_l1 * drift
+
+            snapshot = [p.detach().clone() for p in repaired.parameters()]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in repaired.parameters()):
+                with torch.no_grad():
+                    for p, s in zip(repaired.parameters(), snapshot):
+                        p.copy_(s)
+                optimizer = torch.optim.SGD(repaired.parameters(), lr=config.unlearn_lr / 2, momentum=0.9)
+                rolled_back += 1
+            if step % _EVAL_EVERY == 0 or step == total:
+                row = score(step)
+                history.append(row)
+                if row["clean_accuracy"] >= floor and (row["trigger_asr"], -row["clean_accuracy"]) < (
+                    best["trigger_asr"], -best["clean_accuracy"]
+                ):
+                    best, best_state = row, copy.deepcopy(repaired.state_dict())
+                if best["trigger_asr"] <= config.asr_stop or step >= total:
+                    break
+    repaired.load_state_dict(best_state)
+    for p in repaired.parameters():
+        p.requires_grad_(False)
+    for p in triggers.parameters():
+        p.requires_grad_(True)
+    return UnlearnOutcome(
+        model=repaired, history=history, accuracy_before=first["clean_accuracy"],
+        accuracy_after=best["clean_accuracy"], trigger_asr_before=first["trigger_asr"],
+        trigger_asr_after=best["trigger_asr"], steps=step, rolled_back=rolled_back,
+    )

@@ -1,0 +1,92 @@
+"""Input checks run once at the API boundary, so that bad input fails with a message that names
+the problem instead of a traceback from deep inside torch."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+MIN_IMAGES = 20  # below this the fit/validation split leaves too little to score classes on
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_images(images: object) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a float tensor [N, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InputError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InputError(
+            f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 pixels by 255")
+    if len(images) < MIN_IMAGES:
+        raise InputError(f"need at least {MIN_IMAGES} clean images, got {len(images)}")
+    if not torch.isfinite(images).all():
+        raise InputError("images contain NaN or inf values")
+    low, high = images.min().item(), images.max().item()
+    if high > 1.0 + 1e-3 or low < -1e-3:
+        hint = "divide by 255" if high > 2 else "pass pixels in [0, 1] and give normalize=(mean, std)"
+        raise InputError(f"images must be pixels in [0, 1], got values in [{low:.3g}, {high:.3g}]; {hint}")
+    return images.float()
+
+
+def check_labels(labels: object, count: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise InputError(f"labels must be an int64 tensor [N], got {type(labels).__name__}")
+    if labels.dim() != 1 or len(labels) != count:
+        raise InputError(f"labels must have shape [{count}] (one per image), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"labels must be integers, got {labels.dtype}")
+    if labels.min().item() < 0:
+        raise InputError(f"labels must be >= 0, got {labels.min().item()}")
+    return labels.long()
+
+
+def check_normalize(normalize: object, channels: int, device: torch.device) -> tuple:
+    if normalize is None:
+        return None, None
+    try:
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).flatten() for v in normalize)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"normalize must be (mean, std) with one value per channel: {exc}") from None
+    if mean.numel() == 1:
+        mean, std = mean.expand(channels).clone(), std.expand(channels).clone() if std.numel() == 1 else std
+    if mean.numel() != channels or std.numel() != channels:
+        raise InputError(f"normalize needs {channels} means and stds (one per channel), got {mean.numel()} and {std.numel()}")
+    if not (std > 0).all():
+        raise InputError("normalize std values must be > 0")
+    return mean, std
+
+
+@torch.no_grad()
+def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std) -> int:
+    """Run the model once on two images; return its number of classes K, checking the output."""
+    x = images[:2]
+    x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+    training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except Exception as exc:  # any failure here means the model does not accept these images
+        raise InputError(
+            f"the model failed on images of shape {tuple(images.shape[1:])} (C, H, W): "
+            f"{type(exc).__name__}: {exc}. Check the channel count and image size the model expects."
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"the model must return logits [N, K] for N images, got {shape}")
+    if out.shape[1] < 2:
+        raise InputError(f"the model must have at least 2 classes, got {out.shape[1]} logits")
+    if not torch.isfinite(out).all():
+        raise InputError("the model returned NaN or inf logits on clean images")
+    k = out.shape[1]
+    if labels.max().item() >= k:
+        raise InputError(f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})")
+    return k
