@@ -104,20 +104,20 @@ def batched_adam_step_ref(
     active: bool [K] or None (all). Inactive classes keep parameters, moments and step count.
     """
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        k = p.shape[0]
-        on = torch.ones(k, dtype=torch.bool, device=p.device) if active is None else active.to(p.device)
-        step.add_(on.to(step.dtype))
-        shape = (k,) + (1,) * (p.dim() - 1)
-        keep = on.view(shape)
-        step64 = step.double()
-        step_size = (lr / (1 - beta1**step64)).float().view(shape)
-        bc2_sqrt = (1 - beta2**step64).sqrt().float().view(shape)
-        new_m = m.lerp(g, 1 - beta1)
-        new_v = v * beta2 + (1 - beta2) * g * g
-        new_p = p - step_size * (new_m / (new_v.sqrt() / bc2_sqrt + eps))
-        m.copy_(torch.where(keep, new_m, m))
-        v.copy_(torch.where(keep, new_v, v))
-        p.copy_(torch.where(keep, new_p, p))
+        # Frozen classes are left out by index rather than masked afterwards, so the common
+        # all-active step runs in place like torch.optim.Adam.
+        idx = None if active is None or bool(active.all()) else active.to(p.device).nonzero().squeeze(1)
+        ps, gs, ms, vs, st = (t if idx is None else t.index_select(0, idx) for t in (p, g, m, v, step))
+        st.add_(1)
+        ms.lerp_(gs, 1 - beta1)
+        vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        step_size = (lr / (1 - beta1 ** st.double())).float().view(shape)
+        bc2_sqrt = (1 - beta2 ** st.double()).sqrt().float().view(shape)
+        ps.sub_(step_size * (ms / (vs.sqrt() / bc2_sqrt + eps)))
+        if idx is not None:
+            for dst, src in ((p, ps), (m, ms), (v, vs), (step, st)):
+                dst.index_copy_(0, idx, src)
 
 
 @torch.no_grad()
