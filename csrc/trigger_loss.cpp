@@ -41,12 +41,21 @@ BAERASE_INLINE void loss_fwd_row(const T* row, int64_t tr, int64_t N, float b, f
   float mx = kNegInf, sum = 0.0f;
   for (int64_t lo = 0; lo < N; lo += kBlock) {
     const int64_t n = std::min(kBlock, N - lo);
-    float bm = kNegInf;
-#pragma omp simd reduction(max : bm)
-    for (int64_t i = 0; i < n; ++i) {
-      buf[i] = static_cast<float>(row[lo + i]);
-      bm = std::max(bm, buf[i]);
+    // Eight independent running maxima: a single one is a serial max chain that GCC keeps scalar.
+    float lanes[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int l = 0; l < 8; ++l) {
+        buf[i + l] = static_cast<float>(row[lo + i + l]);
+        lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
+      }
     }
+    for (; i < n; ++i) {
+      buf[i] = static_cast<float>(row[lo + i]);
+      lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];
+    }
+    float bm = kNegInf;
+    for (float v : lanes) bm = v > bm ? v : bm;
     if (bm > mx) {
       sum *= vexp(mx - bm);
       mx = bm;
