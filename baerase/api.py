@@ -18,7 +18,7 @@ from .errors import InputError
 from .recover import TriggerSet, attack_success, frozen, recover
 from .report import ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
 from .unlearn import unlearn
-from .validate import check_images, check_labels, check_model, check_normalize, probe_classes
+from .validate import check_device, check_images, check_labels, check_model, check_normalize, probe_classes
 
 Normalize = tuple[Any, Any] | None
 _MAX_ERASE_ROUNDS = 3  # unlearn -> re-scan rounds before an erase is reported unverified
@@ -37,7 +37,7 @@ class _Session:
             images, labels = as_tensors(images)
         images = check_images(images)
         labels = check_labels(labels, len(images))
-        self.device = torch.device(self.config.device) if self.config.device else _model_device(self.model)
+        self.device = check_device(self.model, self.config.device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.mean, self.std = check_normalize(normalize, images.shape[1], self.device)
         self.num_classes = probe_classes(self.model, self.images, self.labels, self.mean, self.std)
@@ -54,11 +54,26 @@ class _Session:
             yield
 
     def provenance(self) -> dict:
-        return {
+        """What a reader needs to reproduce or trust the result: versions, backend, settings, hashes."""
+        import os
+
+        from .models.io import _SOURCES, sha256_file
+
+        with ops.use_backend(self.config.backend):
+            backend = ops.backend_for("trigger_apply", self.device)
+        record = {
             "baerase": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(self.device), "seed": self.config.seed,
+            "platform": platform.platform(), "device": str(self.device), "backend": backend,
+            "seed": self.config.seed, "config": self.config.to_dict(),
             "model_sha256": sha256_model(self.model), "data_sha256": sha256_tensors(self.images, self.labels),
         }
+        if self.device.type == "cuda":
+            record["cuda"] = torch.version.cuda
+            record["gpu"] = torch.cuda.get_device_name(self.device)
+        source = _SOURCES.get(self.model)  # set when the model came from baerase.models.load_model
+        if source is not None and os.path.isfile(source):
+            record["model_file"], record["model_file_sha256"] = source, sha256_file(source)
+        return record
 
     def recover(self, model: nn.Module, targets: list[int], desc: str) -> tuple[TriggerSet, torch.Tensor]:
         """Recovered triggers for ``targets`` and their attack success on the validation split."""

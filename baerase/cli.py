@@ -6,7 +6,7 @@ import sys
 
 from . import __version__
 from .config import PRESETS, Config
-from .errors import BaeraseError
+from .errors import BaeraseError, InputError
 
 
 def _parse_normalize(text: str | None):
@@ -15,7 +15,7 @@ def _parse_normalize(text: str | None):
     try:
         mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
     except ValueError:
-        raise SystemExit(f"baerase: --normalize wants MEAN:STD with comma-separated channels, e.g. "
+        raise InputError(f"--normalize wants MEAN:STD with comma-separated channels, e.g. "
                          f"0.49,0.48,0.45:0.25,0.24,0.26; got {text!r}") from None
     return mean, std
 
@@ -25,7 +25,7 @@ def _parse_kwargs(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"baerase: --arch-arg wants KEY=VALUE, got {pair!r}")
+            raise InputError(f"--arch-arg wants KEY=VALUE, got {pair!r}")
         try:
             out[key] = int(value)
         except ValueError:
@@ -39,15 +39,46 @@ def _parse_kwargs(pairs: list[str]) -> dict:
 def _config(args) -> Config:
     changes = {k: getattr(args, k) for k in ("steps", "family", "seed", "backend", "device") if getattr(args, k, None) is not None}
     if getattr(args, "classes", None):
-        changes["classes"] = tuple(int(c) for c in args.classes.split(","))
+        try:
+            changes["classes"] = tuple(int(c) for c in args.classes.split(","))
+        except ValueError:
+            raise InputError(f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}") from None
     changes["progress"] = not args.quiet
     return PRESETS[args.preset](**changes)
+
+
+def _check_out(args) -> None:
+    """Fail before the long computation, not after it, if the output directory cannot be used, and
+    never replace a directory that holds the inputs."""
+    from pathlib import Path
+
+    from .report import check_output_dir
+
+    if not args.out:
+        return
+    out = Path(args.out).resolve()
+    check_output_dir(out, args.overwrite)
+    for name in ("model", "data"):
+        value = getattr(args, name, None)
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(out):
+            raise InputError(f"--out {args.out} would replace the input {value}; choose another output directory")
+
+
+def _record_sources(report, args) -> None:
+    """Add the data file's hash to the audit trail (the model file's is added by the scan)."""
+    from pathlib import Path
+
+    from .models import sha256_file
+
+    if Path(args.data).is_file():
+        report.provenance.update(data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data))
 
 
 def _load_inputs(args):
     from .data import load_dataset
     from .models import load_model
 
+    _check_out(args)
     model = load_model(args.model, args.arch, trust_pickle=args.trust_pickle, **_parse_kwargs(args.arch_arg))
     images, labels = load_dataset(args.data)
     return model, images, labels, _parse_normalize(args.normalize)
@@ -59,6 +90,7 @@ def _cmd_scan(args) -> int:
 
     model, images, labels, normalize = _load_inputs(args)
     report = scan(model, images, labels, normalize=normalize, config=_config(args))
+    _record_sources(report, args)
     print(report.summary())
     if args.out:
         print(f"\nwrote {write_outputs(args.out, report, images, overwrite=args.overwrite)}")
@@ -83,6 +115,7 @@ def _cmd_audit(args) -> int:
 
     model, images, labels, normalize = _load_inputs(args)
     report, result = audit(model, images, labels, normalize=normalize, config=_config(args))
+    _record_sources(report, args)
     print(report.summary() + "\n\n" + result.summary())
     print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
     return 0 if result.verified else 3
@@ -91,6 +124,7 @@ def _cmd_audit(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_out(args)
     return run_demo(attack=args.attack, target=args.target, out=args.out, overwrite=args.overwrite,
                     config=_config(args))
 
@@ -146,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except BaeraseError as exc:
-        print(f"baerase: error: {exc}", file=sys.stderr)
+    except (BaeraseError, OSError) as exc:
+        # One line: scanners parse stderr, and a traceback says nothing the message does not.
+        print(f"baerase: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("baerase: interrupted", file=sys.stderr)

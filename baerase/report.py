@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import DivergenceError, InputError
 from .recover import TriggerSet
 
 SCHEMA_VERSION = 1
@@ -60,7 +60,7 @@ class ScanReport:
             "seconds": round(self.seconds, 3),
             "classes": [asdict(c) for c in self.classes],
             "config": _jsonable(self.config),
-            "provenance": self.provenance,
+            "provenance": _jsonable(self.provenance),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -194,23 +194,29 @@ def write_outputs(
 ) -> Path:
     """Write report.json, report.md, trigger PNGs, the recovered triggers and (after an erase) the
     repaired model to ``out_dir``, all or nothing: everything is written to a temporary folder
-    beside it and renamed into place. An existing ``out_dir`` is replaced only with ``overwrite``.
+    beside it and renamed into place. An existing ``out_dir`` is replaced only with ``overwrite``,
+    and only if it is empty or an earlier baerase output; if anything fails, it is left as it was.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)")
+    check_output_dir(out, overwrite)
+    model_state = None
+    if result is not None:
+        model_state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+        broken = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise DivergenceError(
+                f"the repaired model has NaN/inf weights ({', '.join(broken[:3])}); nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         document = {"scan": report.to_dict()}
         markdown = ["# baerase report", "", report.summary()]
         if result is not None:
             document["erase"] = result.to_dict()
             markdown += ["", "## Erase", "", result.summary()]
-            state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-            save_file(state, str(staging / "model.safetensors"))
+            save_file(model_state, str(staging / "model.safetensors"))
         (staging / "report.json").write_text(json.dumps(document, indent=2))
         (staging / "report.md").write_text("\n".join(markdown) + "\n")
         if report.triggers is not None:
@@ -218,14 +224,38 @@ def write_outputs(
             save_file(state, str(staging / "triggers.safetensors"))
             (staging / "triggers.json").write_text(json.dumps(report.triggers.meta))
             _trigger_images(report, images, staging / "triggers")
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output path whose contents would be lost: anything without ``overwrite``, and even
+    with it, anything but an empty directory or an earlier baerase output (report.json inside)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise InputError(f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)")
+    if out.is_symlink() or not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a directory; choose another path")
+    if any(out.iterdir()) and not (out / "report.json").is_file():
+        raise InputError(
+            f"refusing to replace {out}: it is not empty and holds no baerase report.json, so it is not an "
+            "earlier baerase output; choose a new directory")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and put back if the
+    rename fails, so at every moment either the old or the new output is complete."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, retired)  # onto an empty directory: atomic on POSIX
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(retired, out)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -16,6 +16,33 @@ def check_model(model: object) -> nn.Module:
     return model
 
 
+def check_device(model: nn.Module, requested: str | torch.device | None) -> torch.device:
+    """The device to run on: ``requested`` (config.device) or the model's own. The model is never
+    moved, since that would modify the caller's object, so a mismatch is an error."""
+    devices = list(dict.fromkeys(t.device for t in (*model.parameters(), *model.buffers())))
+    if any(d.type == "meta" for d in devices):
+        raise InputError(
+            "the model's weights are on the 'meta' device (never materialised); load real weights first, "
+            "e.g. model.load_state_dict(state, assign=True)")
+    own = devices[0] if devices else torch.device("cpu")
+    if requested is None:
+        return own
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"config.device {requested!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"config.device is {str(device)!r} but no CUDA device is available; use 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    if devices and any(d != device for d in devices):
+        raise InputError(
+            f"the model is on {own} but config.device is {device}; move the model first "
+            f"(model.to({str(device)!r})) or leave config.device unset to run on the model's device")
+    return device
+
+
 def check_images(images: object) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise InputError(f"images must be a float tensor [N, C, H, W], got {type(images).__name__}")
@@ -32,7 +59,8 @@ def check_images(images: object) -> torch.Tensor:
     if high > 1.0 + 1e-3 or low < -1e-3:
         hint = "divide by 255" if high > 2 else "pass pixels in [0, 1] and give normalize=(mean, std)"
         raise InputError(f"images must be pixels in [0, 1], got values in [{low:.3g}, {high:.3g}]; {hint}")
-    return images.float()
+    # detach: recovery must never write gradients into the caller's tensor
+    return images.detach().float()
 
 
 def check_labels(labels: object, count: int) -> torch.Tensor:
@@ -44,7 +72,7 @@ def check_labels(labels: object, count: int) -> torch.Tensor:
         raise InputError(f"labels must be integers, got {labels.dtype}")
     if labels.min().item() < 0:
         raise InputError(f"labels must be >= 0, got {labels.min().item()}")
-    return labels.long()
+    return labels.detach().long()
 
 
 def check_normalize(normalize: object, channels: int, device: torch.device) -> tuple:

@@ -1,0 +1,326 @@
+"""Reliability: every bad input fails with a baerase error naming the problem, outputs are
+all-or-nothing, divergence never yields a broken model, scans are deterministic and auditable."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import baerase
+from baerase import Config, DivergenceError, InputError
+from baerase import unlearn as unlearn_module
+from baerase.report import write_outputs
+from conftest import requires_cuda
+
+torch.set_num_threads(1)
+
+CFG = Config(
+    steps=5, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1, progress=False, seed=3
+)
+K = 4
+
+
+class TinyNet(nn.Module):
+    """One conv on 8x8 images; small enough that a whole scan takes well under a second."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = K):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def data(n: int = 40, channels: int = 1):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, channels, 8, 8, generator=g), torch.arange(n) % K
+
+
+def model() -> TinyNet:
+    with torch.random.fork_rng():  # same weights every time, without touching the RNG under test
+        torch.manual_seed(0)
+        return TinyNet()
+
+
+def _scan(m=None, x=None, y=None, **kw):
+    xd, yd = data()
+    return baerase.scan(model() if m is None else m, xd if x is None else x, yd if y is None else y,
+                        config=kw.pop("config", CFG), **kw)
+
+
+class _Out(TinyNet):
+    """Wraps the tiny model's logits through ``fn`` to simulate broken models."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(super().forward(x))
+
+
+def _with_nan(x, at):
+    x = x.clone()
+    x[3, 0, 2, 2] = at
+    return x
+
+
+X, Y = data()
+BAD_INPUTS = {
+    "image rank 3": (lambda: _scan(x=X[:, 0]), "[N, C, H, W]"),
+    "image rank 5": (lambda: _scan(x=X[None]), "[N, C, H, W]"),
+    "3 channels, 1-channel model": (lambda: _scan(x=X.repeat(1, 3, 1, 1)), "channel"),
+    "pixels 0-255": (lambda: _scan(x=X * 255), "divide by 255"),
+    "uint8 pixels": (lambda: _scan(x=(X * 255).to(torch.uint8)), "divide uint8 pixels by 255"),
+    "labels >= K": (lambda: _scan(y=Y + K), "labels go up to 7"),
+    "negative labels": (lambda: _scan(y=Y - 1), "labels must be >= 0"),
+    "labels too short": (lambda: _scan(y=Y[:-1]), "one per image"),
+    "float labels": (lambda: _scan(y=Y.float()), "labels must be integers"),
+    "labels as list": (lambda: _scan(y=Y.tolist()), "labels must be an int64 tensor"),
+    "no images": (lambda: _scan(x=X[:0], y=Y[:0]), "need at least 20"),
+    "5 images": (lambda: _scan(x=X[:5], y=Y[:5]), "need at least 20"),
+    "NaN pixel": (lambda: _scan(x=_with_nan(X, math.nan)), "NaN or inf"),
+    "inf pixel": (lambda: _scan(x=_with_nan(X, math.inf)), "NaN or inf"),
+    "model returns NaN": (lambda: _scan(m=_Out(lambda z: z * math.nan)), "NaN or inf logits"),
+    "model returns 1 logit": (lambda: _scan(m=_Out(lambda z: z[:, :1])), "at least 2 classes"),
+    "model returns 3 logits, labels to 3": (lambda: _scan(m=TinyNet(num_classes=3)), "returns 3 logits"),
+    "model returns a tuple": (lambda: _scan(m=_Out(lambda z: (z,))), "logits [N, K]"),
+    "model returns numpy": (lambda: _scan(m=_Out(lambda z: z.detach().numpy())), "logits [N, K]"),
+    "model returns [N]": (lambda: _scan(m=_Out(lambda z: z[:, 0])), "logits [N, K]"),
+    "model is a function": (lambda: _scan(m=lambda z: z), "torch.nn.Module"),
+    "model on meta device": (lambda: _scan(m=TinyNet().to("meta")), "'meta' device"),
+    "config.device not a device": (lambda: _scan(config=CFG.replace(device="gpu0")), "not a torch device"),
+    "config is a dict": (lambda: _scan(config={}), "baerase.Config"),
+    "normalize 3 channels, 1-channel data": (
+        lambda: _scan(normalize=([0.5] * 3, [0.2] * 3)), "normalize needs 1 means and stds"),
+    "normalize std 0": (lambda: _scan(normalize=(0.5, 0.0)), "std values must be > 0"),
+    "normalize not numbers": (lambda: _scan(normalize=("a", "b")), "normalize must be (mean, std)"),
+    "config.classes out of range": (lambda: _scan(config=CFG.replace(classes=(9,))), "config.classes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_a_baerase_error_naming_it(case):
+    call, words = BAD_INPUTS[case]
+    with pytest.raises(baerase.BaeraseError) as info:
+        call()
+    assert words in str(info.value), str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU build of torch: no second device")
+def test_config_device_other_than_the_models_is_refused():
+    with pytest.raises(InputError, match="the model is on cpu but config.device is cuda"):
+        _scan(config=CFG.replace(device="cuda"))
+
+
+def test_cuda_device_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="no CUDA device is available"):
+        _scan(config=CFG.replace(device="cuda"))
+
+
+@requires_cuda
+def test_data_on_cpu_model_on_cuda_runs_on_the_models_device():
+    report = _scan(m=model().cuda())
+    assert report.provenance["device"].startswith("cuda") and len(report.classes) == K
+
+
+def test_scan_restores_train_mode_and_grad_flags_and_leaves_weights_alone():
+    m = model().train()
+    m.fc.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = X.clone().requires_grad_(True)
+    _scan(m=m, x=x)
+    assert m.training and not m.fc.weight.requires_grad and m.conv.weight.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert x.grad is None  # nothing flowed back into the caller's tensor
+
+
+def test_erase_with_a_report_from_another_model_is_refused():
+    report = _scan()
+    with pytest.raises(InputError, match="4-class model but this model has 3"):
+        baerase.erase(TinyNet(num_classes=3), X, Y % 3, report, config=CFG)
+    with pytest.raises(InputError, match="ScanReport"):
+        baerase.erase(model(), X, Y, report.to_dict(), config=CFG)
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+def test_write_outputs_refuses_an_existing_dir_without_overwrite(tmp_path):
+    report = _scan()
+    out = write_outputs(tmp_path / "out", report, X)
+    assert (out / "report.json").is_file() and any((out / "triggers").iterdir())
+    with pytest.raises(InputError, match="already exists"):
+        write_outputs(out, report, X)
+    assert write_outputs(out, report, X, overwrite=True) == out
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_midway_leaves_no_partial_dir_and_keeps_the_old_one(tmp_path, monkeypatch, existing):
+    import baerase.report as report_module
+
+    report = _scan()
+    out = tmp_path / "out"
+    if existing:
+        write_outputs(out, report, X)
+        (out / "marker").write_text("old")
+    listing = sorted(p.name for p in tmp_path.iterdir())
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module, "_png", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs(out, report, X, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no staging or retired folder left
+    assert (out / "marker").read_text() == "old" if existing else not out.exists()
+
+
+def test_failed_final_rename_puts_the_old_dir_back(tmp_path, monkeypatch):
+    import baerase.report as report_module
+
+    report = _scan()
+    out = write_outputs(tmp_path / "out", report, X)
+    (out / "marker").write_text("old")
+    real = report_module.os.replace
+
+    def replace(src, dst):
+        if ".tmp" in str(src):  # the staged output: fail as a full disk or a crash would
+            raise OSError("rename failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(report_module.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        write_outputs(out, report, X, overwrite=True)
+    assert (out / "marker").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_a_baerase_output(tmp_path):
+    report = _scan()
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(InputError, match="not an earlier baerase output"):
+        write_outputs(tmp_path, report, X, overwrite=True)
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(InputError, match="not a directory"):
+        write_outputs(tmp_path / "file", report, X, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_model_with_nan_weights_is_never_saved(tmp_path):
+    report = _scan()
+    broken = model()
+    with torch.no_grad():
+        broken.fc.bias[0] = math.nan
+    result = baerase.EraseResult(model=broken, history=[], erased=[0], verified=False, evidence=[],
+                                 accuracy_before=0.0, accuracy_after=0.0, trigger_asr_before=0.0,
+                                 trigger_asr_after=0.0, rounds=1, seconds=0.0)
+    with pytest.raises(DivergenceError, match="NaN/inf weights"):
+        write_outputs(tmp_path / "out", report, X, result)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- divergence -------------------------------------------------------------------------------
+
+class NaNOnTriggered(TinyNet):
+    """Finite logits on the clean images it was given, NaN on anything else (triggered inputs)."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.register_buffer("clean", clean.flatten(1))
+        self.armed = True
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if not self.armed:
+            return logits
+        known = (x.flatten(1)[:, None] - self.clean[None]).abs().amax(2).min(1).values < 1e-6
+        return torch.where(known[:, None], logits, torch.full_like(logits, math.nan))
+
+
+def test_recovery_on_nan_for_triggered_inputs_raises_divergence():
+    m = NaNOnTriggered(X)
+    with pytest.raises(DivergenceError, match="NaN/inf"):
+        _scan(m=m, config=CFG.replace(steps=25))  # more non-finite steps than recovery tolerates
+
+
+def test_erase_on_nan_for_triggered_inputs_never_returns_a_broken_model(tmp_path):
+    m = NaNOnTriggered(X)
+    m.armed = False
+    report = _scan(m=m)
+    report.classes[1].flagged = True  # force an erase whatever this random model scored
+    m.armed = True
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    try:
+        result = baerase.erase(m, X, Y, report, config=CFG)
+    except DivergenceError:
+        result = None
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    if result is not None:
+        assert all(torch.isfinite(p).all() for p in result.model.state_dict().values())
+        write_outputs(tmp_path / "out", report, X, result)
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
+    m = model()
+    report = _scan(m=m)
+    triggers = report.triggers.select([1])
+    real = unlearn_module.ops.trigger_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, beta):
+        hinge, nll = real(logits, targets, beta)
+        calls["n"] += 1
+        return hinge, nll * math.nan if calls["n"] % 2 else nll
+
+    monkeypatch.setattr(unlearn_module.ops, "trigger_loss", poisoned)
+    # the guard stops once triggers no longer work; keep it going for every step
+    monkeypatch.setattr(unlearn_module, "attack_success", lambda *a: torch.ones(1))
+    fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
+    cfg = CFG.replace(unlearn_epochs=4, unlearn_batch_size=8, asr_stop=0.0)
+    outcome = unlearn_module.unlearn(m, triggers, fit, val, cfg, num_classes=K)
+    assert outcome.steps == 16 and outcome.rolled_back == 8
+    assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
+
+
+# ---- determinism and audit trail --------------------------------------------------------------
+
+def test_seeded_scans_agree_and_leave_the_global_rng_alone():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1234)
+    random.seed(5)
+    np.random.seed(5)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first, second = _scan(), _scan()
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1] and (np.random.get_state()[1] == states[2]).all()
+    assert first.flagged == second.flagged
+    assert [vars(c) for c in first.classes] == [vars(c) for c in second.classes]
+    other = _scan(config=CFG.replace(seed=CFG.seed + 1))
+    assert [c.trigger_norm for c in other.classes] != [c.trigger_norm for c in first.classes]
+
+
+def test_report_records_versions_backend_config_seed_and_hashes(tmp_path):
+    from baerase.models import load_model, save_model, sha256_file
+
+    path = save_model(model(), tmp_path / "m.safetensors")
+    m = load_model(path, f"{__name__}:TinyNet")
+    report = _scan(m=m)
+    prov = report.provenance
+    for key in ("baerase", "torch", "python", "device", "backend", "seed", "config", "model_sha256",
+                "data_sha256", "model_file", "model_file_sha256"):
+        assert key in prov, key
+    assert prov["baerase"] == baerase.__version__ and prov["torch"] == torch.__version__
+    assert prov["backend"] == report.backend and prov["seed"] == CFG.seed and prov["config"]["steps"] == CFG.steps
+    assert prov["model_file_sha256"] == sha256_file(path)
+    assert prov["data_sha256"] == _scan(m=model()).provenance["data_sha256"]
+    assert prov["data_sha256"] != _scan(x=X.flip(0)).provenance["data_sha256"]
+    saved = json.loads((write_outputs(tmp_path / "out", report, X) / "report.json").read_text())
+    assert saved["scan"]["provenance"]["config"]["betas"] == list(CFG.betas)
