@@ -1,4 +1,5 @@
 """Command line: ``baerase demo | scan | erase | audit``."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,10 @@ def _parse_normalize(text: str | None):
     try:
         mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
     except ValueError:
-        raise InputError(f"--normalize wants MEAN:STD with comma-separated channels, e.g. "
-                         f"0.49,0.48,0.45:0.25,0.24,0.26; got {text!r}") from None
+        raise InputError(
+            f"--normalize wants MEAN:STD with comma-separated channels, e.g. "
+            f"0.49,0.48,0.45:0.25,0.24,0.26; got {text!r}"
+        ) from None
     return mean, std
 
 
@@ -37,12 +40,18 @@ def _parse_kwargs(pairs: list[str]) -> dict:
 
 
 def _config(args) -> Config:
-    changes = {k: getattr(args, k) for k in ("steps", "family", "seed", "backend", "device") if getattr(args, k, None) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ("steps", "family", "seed", "backend", "device")
+        if getattr(args, k, None) is not None
+    }
     if getattr(args, "classes", None):
         try:
             changes["classes"] = tuple(int(c) for c in args.classes.split(","))
         except ValueError:
-            raise InputError(f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}") from None
+            raise InputError(
+                f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}"
+            ) from None
     changes["progress"] = not args.quiet
     return PRESETS[args.preset](**changes)
 
@@ -61,7 +70,9 @@ def _check_out(args) -> None:
     for name in ("model", "data"):
         value = getattr(args, name, None)
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(out):
-            raise InputError(f"--out {args.out} would replace the input {value}; choose another output directory")
+            raise InputError(
+                f"--out {args.out} would replace the input {value}; choose another output directory"
+            )
 
 
 def _record_sources(report, args) -> None:
@@ -71,7 +82,9 @@ def _record_sources(report, args) -> None:
     from .models import sha256_file
 
     if Path(args.data).is_file():
-        report.provenance.update(data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data))
+        report.provenance.update(
+            data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data)
+        )
 
 
 def _load_inputs(args):
@@ -125,26 +138,49 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     _check_out(args)
-    return run_demo(attack=args.attack, target=args.target, out=args.out, overwrite=args.overwrite,
-                    config=_config(args))
+    return run_demo(
+        attack=args.attack, target=args.target, out=args.out, overwrite=args.overwrite, config=_config(args)
+    )
 
 
 def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
-    p.add_argument("model", help="model file: safetensors / .pt state dict (needs --arch), TorchScript, "
-                                 "or a pickled model with --trust-pickle")
+    p.add_argument(
+        "model",
+        help="model file: safetensors / .pt state dict (needs --arch), TorchScript, "
+        "or a pickled model with --trust-pickle",
+    )
     p.add_argument("--arch", help="architecture: a registry name (small_cnn, resnet18) or module:callable")
-    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="argument for the architecture, e.g. num_classes=10 (repeatable)")
-    p.add_argument("--data", required=True, help="clean hold-out data: .npz, image folder, CIFAR batches, "
-                                                 "GTSRB folder, idx file, or a built-in name (mnist, colour10)")
-    p.add_argument("--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25")
-    p.add_argument("--trust-pickle", action="store_true", help="allow loading a full pickled model (runs code from the file)")
-    p.add_argument("--out", required=needs_out, help="output directory (report.json, report.md, triggers, model)")
+    p.add_argument(
+        "--arch-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="argument for the architecture, e.g. num_classes=10 (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="clean hold-out data: .npz, image folder, CIFAR batches, "
+        "GTSRB folder, idx file, or a built-in name (mnist, colour10)",
+    )
+    p.add_argument(
+        "--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25"
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a full pickled model (runs code from the file)",
+    )
+    p.add_argument(
+        "--out", required=needs_out, help="output directory (report.json, report.md, triggers, model)"
+    )
     _options(p)
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings"
+    )
     p.add_argument("--steps", type=int, help="recovery steps per class")
     p.add_argument("--family", choices=["mask", "patch"], help="trigger family")
     p.add_argument("--classes", help="comma-separated candidate target classes (default: all)")
@@ -156,7 +192,9 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="baerase", description="Find and erase backdoors in image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="baerase", description="Find and erase backdoors in image classifiers."
+    )
     parser.add_argument("--version", action="version", version=f"baerase {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a backdoored MNIST model, scan it, erase the backdoor")
@@ -165,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="also write the report and repaired model here")
     _options(demo)
     demo.set_defaults(func=_cmd_demo)
-    for name, func, help_, needs_out in (("scan", _cmd_scan, "recover triggers and flag backdoored classes", False),
-                                         ("erase", _cmd_erase, "unlearn the classes flagged in a scan report", True),
-                                         ("audit", _cmd_audit, "scan then erase", True)):
+    for name, func, help_, needs_out in (
+        ("scan", _cmd_scan, "recover triggers and flag backdoored classes", False),
+        ("erase", _cmd_erase, "unlearn the classes flagged in a scan report", True),
+        ("audit", _cmd_audit, "scan then erase", True),
+    ):
         p = sub.add_parser(name, help=help_)
         _common(p, needs_out)
         if name == "erase":

@@ -1,4 +1,5 @@
 """What a scan and an erase return, and how they are written to disk."""
+
 from __future__ import annotations
 
 import hashlib
@@ -69,12 +70,20 @@ class ScanReport:
 
     def summary(self) -> str:
         verdict = f"backdoored: classes {self.flagged}" if self.flagged else "no backdoor found"
-        lines = [f"Scan of {self.num_classes} classes ({self.family} triggers, {self.backend} backend, "
-                 f"{self.seconds:.1f}s): {verdict}", "", "| class | attack success | trigger norm | anomaly index | flagged |",
-                 "|---:|---:|---:|---:|:---:|"]
+        lines = [
+            (
+                f"Scan of {self.num_classes} classes ({self.family} triggers, {self.backend} backend, "
+                f"{self.seconds:.1f}s): {verdict}"
+            ),
+            "",
+            "| class | attack success | trigger norm | anomaly index | flagged |",
+            "|---:|---:|---:|---:|:---:|",
+        ]
         for c in self.classes:
-            lines.append(f"| {c.target} | {c.attack_success:.3f} | {c.trigger_norm:.1f} | {c.anomaly_index:.2f} | "
-                         f"{'yes' if c.flagged else ''} |")
+            lines.append(
+                f"| {c.target} | {c.attack_success:.3f} | {c.trigger_norm:.1f} | {c.anomaly_index:.2f} | "
+                f"{'yes' if c.flagged else ''} |"
+            )
         return "\n".join(lines)
 
     @staticmethod
@@ -93,9 +102,17 @@ class ScanReport:
 
             meta = json.loads((directory / "triggers.json").read_text())
             triggers = TriggerSet.from_state(meta, load_file(str(directory / "triggers.safetensors")))
-        return ScanReport(classes=classes, num_classes=scan["num_classes"], image_shape=tuple(scan["image_shape"]),
-                          family=scan["family"], backend=scan["backend"], config=scan["config"],
-                          seconds=scan["seconds"], provenance=scan.get("provenance", {}), triggers=triggers)
+        return ScanReport(
+            classes=classes,
+            num_classes=scan["num_classes"],
+            image_shape=tuple(scan["image_shape"]),
+            family=scan["family"],
+            backend=scan["backend"],
+            config=scan["config"],
+            seconds=scan["seconds"],
+            provenance=scan.get("provenance", {}),
+            triggers=triggers,
+        )
 
 
 @dataclass
@@ -115,8 +132,17 @@ class EraseResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        keys = ("erased", "verified", "evidence", "accuracy_before", "accuracy_after", "trigger_asr_before",
-                "trigger_asr_after", "rounds", "history")
+        keys = (
+            "erased",
+            "verified",
+            "evidence",
+            "accuracy_before",
+            "accuracy_after",
+            "trigger_asr_before",
+            "trigger_asr_after",
+            "rounds",
+            "history",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["seconds"] = round(self.seconds, 3)
         return _jsonable(out)
@@ -127,10 +153,16 @@ class EraseResult:
     def summary(self) -> str:
         if not self.erased:
             return "Nothing to erase: no class was flagged."
-        state = "verified: a re-scan finds no backdoor" if self.verified else "NOT verified: a re-scan still finds a trigger"
-        return (f"Erased classes {self.erased} in {self.rounds} round(s), {self.seconds:.1f}s; {state}.\n"
-                f"Validation clean accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}; "
-                f"recovered-trigger success {self.trigger_asr_before:.3f} -> {self.trigger_asr_after:.3f}.")
+        state = (
+            "verified: a re-scan finds no backdoor"
+            if self.verified
+            else "NOT verified: a re-scan still finds a trigger"
+        )
+        return (
+            f"Erased classes {self.erased} in {self.rounds} round(s), {self.seconds:.1f}s; {state}.\n"
+            f"Validation clean accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}; "
+            f"recovered-trigger success {self.trigger_asr_before:.3f} -> {self.trigger_asr_after:.3f}."
+        )
 
 
 def _jsonable(value):
@@ -178,7 +210,11 @@ def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> N
     for i, target in enumerate(triggers.targets.tolist()):
         _png(stamped[i, 0].cpu().numpy(), folder / f"class_{target}_stamped.png", scale)
         if triggers.family == "mask":
-            _png(torch.sigmoid(triggers.mask_logits[i]).cpu().numpy(), folder / f"class_{target}_mask.png", scale)
+            _png(
+                torch.sigmoid(triggers.mask_logits[i]).cpu().numpy(),
+                folder / f"class_{target}_mask.png",
+                scale,
+            )
             _png(g[i, 0].view(c, h, w).cpu().numpy(), folder / f"class_{target}_pattern.png", scale)
         else:
             p = triggers.meta["patch_size"]
@@ -207,7 +243,8 @@ def write_outputs(
         broken = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if broken:
             raise DivergenceError(
-                f"the repaired model has NaN/inf weights ({', '.join(broken[:3])}); nothing was written")
+                f"the repaired model has NaN/inf weights ({', '.join(broken[:3])}); nothing was written"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -236,13 +273,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
-        raise InputError(f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)")
+        raise InputError(
+            f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)"
+        )
     if out.is_symlink() or not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory; choose another path")
     if any(out.iterdir()) and not (out / "report.json").is_file():
         raise InputError(
             f"refusing to replace {out}: it is not empty and holds no baerase report.json, so it is not an "
-            "earlier baerase output; choose a new directory")
+            "earlier baerase output; choose a new directory"
+        )
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

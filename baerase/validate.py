@@ -1,5 +1,6 @@
 """Input checks run once at the API boundary, so that bad input fails with a message that names
 the problem instead of a traceback from deep inside torch."""
+
 from __future__ import annotations
 
 import torch
@@ -23,14 +24,17 @@ def check_device(model: nn.Module, requested: str | torch.device | None) -> torc
     if any(d.type == "meta" for d in devices):
         raise InputError(
             "the model's weights are on the 'meta' device (never materialised); load real weights first, "
-            "e.g. model.load_state_dict(state, assign=True)")
+            "e.g. model.load_state_dict(state, assign=True)"
+        )
     own = devices[0] if devices else torch.device("cpu")
     if requested is None:
         return own
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError) as exc:
-        raise InputError(f"config.device {requested!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'") from None
+        raise InputError(
+            f"config.device {requested!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"config.device is {str(device)!r} but no CUDA device is available; use 'cpu'")
@@ -39,7 +43,8 @@ def check_device(model: nn.Module, requested: str | torch.device | None) -> torc
     if devices and any(d != device for d in devices):
         raise InputError(
             f"the model is on {own} but config.device is {device}; move the model first "
-            f"(model.to({str(device)!r})) or leave config.device unset to run on the model's device")
+            f"(model.to({str(device)!r})) or leave config.device unset to run on the model's device"
+        )
     return device
 
 
@@ -50,7 +55,8 @@ def check_images(images: object) -> torch.Tensor:
         raise InputError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise InputError(
-            f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 pixels by 255")
+            f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 pixels by 255"
+        )
     if len(images) < MIN_IMAGES:
         raise InputError(f"need at least {MIN_IMAGES} clean images, got {len(images)}")
     if not torch.isfinite(images).all():
@@ -85,7 +91,9 @@ def check_normalize(normalize: object, channels: int, device: torch.device) -> t
     if mean.numel() == 1:
         mean, std = mean.expand(channels).clone(), std.expand(channels).clone() if std.numel() == 1 else std
     if mean.numel() != channels or std.numel() != channels:
-        raise InputError(f"normalize needs {channels} means and stds (one per channel), got {mean.numel()} and {std.numel()}")
+        raise InputError(
+            f"normalize needs {channels} means and stds (one per channel), got {mean.numel()} and {std.numel()}"
+        )
     if not (std > 0).all():
         raise InputError("normalize std values must be > 0")
     return mean, std
@@ -100,7 +108,7 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     model.eval()
     try:
         out = model(x)
-    except Exception as exc:  # any failure here means the model does not accept these images
+    except Exception as exc:  # noqa: BLE001 (any failure here means the model does not accept these images)
         raise InputError(
             f"the model failed on images of shape {tuple(images.shape[1:])} (C, H, W): "
             f"{type(exc).__name__}: {exc}. Check the channel count and image size the model expects."
@@ -116,5 +124,7 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         raise InputError("the model returned NaN or inf logits on clean images")
     k = out.shape[1]
     if labels.max().item() >= k:
-        raise InputError(f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})")
+        raise InputError(
+            f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})"
+        )
     return k

@@ -37,7 +37,9 @@ ARCH = f"{__name__}:TinyNet"
 @pytest.fixture(autouse=True)
 def tiny_presets(monkeypatch):
     # The CLI has no flags for the network sizes; shrink the preset so a run costs well under a second.
-    tiny = functools.partial(Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1)
+    tiny = functools.partial(
+        Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1
+    )
     monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny})
 
 
@@ -72,8 +74,22 @@ def assert_one_line_error(code, err, *words):
 def test_audit_never_modifies_the_model_file_and_records_hashes(files, tmp_path, capsys):
     model, data = files
     before = sha256(model), os.stat(model).st_mtime_ns
-    code, err = run(capsys, "audit", model, "--arch", ARCH, "--data", data, "--out", tmp_path / "out",
-                    "--steps", 5, "--quiet", "--seed", 1)
+    code, err = run(
+        capsys,
+        "audit",
+        model,
+        "--arch",
+        ARCH,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--steps",
+        5,
+        "--quiet",
+        "--seed",
+        1,
+    )
     assert code in (0, 3), err
     assert (sha256(model), os.stat(model).st_mtime_ns) == before
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -99,8 +115,21 @@ def test_existing_out_needs_overwrite_and_is_checked_before_the_work(files, tmp_
 def test_out_holding_the_inputs_is_never_replaced(files, tmp_path, capsys):
     model, data = files
     (tmp_path / "report.json").write_text("{}")  # looks like an earlier output, yet holds the model
-    code, err = run(capsys, "scan", model, "--arch", ARCH, "--data", data, "--out", tmp_path, "--overwrite",
-                    "--steps", 5, "--quiet")
+    code, err = run(
+        capsys,
+        "scan",
+        model,
+        "--arch",
+        ARCH,
+        "--data",
+        data,
+        "--out",
+        tmp_path,
+        "--overwrite",
+        "--steps",
+        5,
+        "--quiet",
+    )
     assert_one_line_error(code, err, "would replace the input")
     assert model.is_file() and data.is_file()
 
@@ -135,7 +164,7 @@ def _bad_model_files(tmp_path: Path, model: Path) -> dict[str, Path]:
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "text.pt").write_text("not a model\n")
     (tmp_path / "folder").mkdir()
-    header = (tmp_path / "header.safetensors")
+    header = tmp_path / "header.safetensors"
     header.write_bytes((10**6).to_bytes(8, "little") + b'{"a": 1}')
     return {
         "truncated safetensors": _truncated(safetensors_copy, 0.5),
@@ -151,9 +180,18 @@ def _bad_model_files(tmp_path: Path, model: Path) -> dict[str, Path]:
     }
 
 
-BAD_MODEL_FILES = ["truncated safetensors", "safetensors header only", "truncated .pt state dict",
-                   "truncated pickled model", "truncated TorchScript", "empty file", "random bytes",
-                   "text file", "a directory", "missing file"]
+BAD_MODEL_FILES = [
+    "truncated safetensors",
+    "safetensors header only",
+    "truncated .pt state dict",
+    "truncated pickled model",
+    "truncated TorchScript",
+    "empty file",
+    "random bytes",
+    "text file",
+    "a directory",
+    "missing file",
+]
 
 
 @pytest.mark.parametrize("case", BAD_MODEL_FILES)
@@ -179,17 +217,20 @@ def test_model_file_without_read_permission(files, capsys):
         model.chmod(0o644)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--normalize", "x"], "--normalize wants MEAN:STD"),
-    (["--normalize", "0.5,0.5,0.5:0.2,0.2,0.2"], "normalize needs 1 means"),
-    (["--classes", "a,b"], "--classes wants comma-separated"),
-    (["--classes", "7"], "config.classes"),
-    (["--arch-arg", "num_classes"], "--arch-arg wants KEY=VALUE"),
-    (["--arch-arg", "num_classes=3"], "do not match"),
-    (["--steps", "0"], "steps must be a positive integer"),
-    (["--arch", "no_such_module:Net"], "cannot import module"),
-    (["--arch", "resnet9000"], "unknown architecture"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--normalize", "x"], "--normalize wants MEAN:STD"),
+        (["--normalize", "0.5,0.5,0.5:0.2,0.2,0.2"], "normalize needs 1 means"),
+        (["--classes", "a,b"], "--classes wants comma-separated"),
+        (["--classes", "7"], "config.classes"),
+        (["--arch-arg", "num_classes"], "--arch-arg wants KEY=VALUE"),
+        (["--arch-arg", "num_classes=3"], "do not match"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--arch", "no_such_module:Net"], "cannot import module"),
+        (["--arch", "resnet9000"], "unknown architecture"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(files, capsys, flags, words):
     model, data = files
     argv = ["scan", model, "--arch", ARCH, "--data", data, "--steps", 5, "--quiet", *flags]
@@ -198,9 +239,15 @@ def test_bad_arguments_exit_2_with_one_line(files, capsys, flags, words):
     assert_one_line_error(*run(capsys, *argv), words)
 
 
-@pytest.mark.parametrize("case, words", [
-    ("nan", "NaN"), ("1000", "expected 0-1"), ("few", "need at least 20"), ("labels", "labels go up to"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("nan", "NaN"),
+        ("1000", "expected 0-1"),
+        ("few", "need at least 20"),
+        ("labels", "labels go up to"),
+    ],
+)
 def test_bad_data_files_exit_2_with_one_line(files, tmp_path, capsys, case, words):
     model, _ = files
     images = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 import baerase
 from baerase import Config, DivergenceError, InputError
 from baerase import unlearn as unlearn_module
 from baerase.report import write_outputs
-from conftest import requires_cuda
 
 torch.set_num_threads(1)
 
@@ -47,8 +47,13 @@ def model() -> TinyNet:
 
 def _scan(m=None, x=None, y=None, **kw):
     xd, yd = data()
-    return baerase.scan(model() if m is None else m, xd if x is None else x, yd if y is None else y,
-                        config=kw.pop("config", CFG), **kw)
+    return baerase.scan(
+        model() if m is None else m,
+        xd if x is None else x,
+        yd if y is None else y,
+        config=kw.pop("config", CFG),
+        **kw,
+    )
 
 
 class _Out(TinyNet):
@@ -95,7 +100,9 @@ BAD_INPUTS = {
     "config.device not a device": (lambda: _scan(config=CFG.replace(device="gpu0")), "not a torch device"),
     "config is a dict": (lambda: _scan(config={}), "baerase.Config"),
     "normalize 3 channels, 1-channel data": (
-        lambda: _scan(normalize=([0.5] * 3, [0.2] * 3)), "normalize needs 1 means and stds"),
+        lambda: _scan(normalize=([0.5] * 3, [0.2] * 3)),
+        "normalize needs 1 means and stds",
+    ),
     "normalize std 0": (lambda: _scan(normalize=(0.5, 0.0)), "std values must be > 0"),
     "normalize not numbers": (lambda: _scan(normalize=("a", "b")), "normalize must be (mean, std)"),
     "config.classes out of range": (lambda: _scan(config=CFG.replace(classes=(9,))), "config.classes"),
@@ -148,6 +155,7 @@ def test_erase_with_a_report_from_another_model_is_refused():
 
 
 # ---- outputs ----------------------------------------------------------------------------------
+
 
 def test_write_outputs_refuses_an_existing_dir_without_overwrite(tmp_path):
     report = _scan()
@@ -215,15 +223,26 @@ def test_a_model_with_nan_weights_is_never_saved(tmp_path):
     broken = model()
     with torch.no_grad():
         broken.fc.bias[0] = math.nan
-    result = baerase.EraseResult(model=broken, history=[], erased=[0], verified=False, evidence=[],
-                                 accuracy_before=0.0, accuracy_after=0.0, trigger_asr_before=0.0,
-                                 trigger_asr_after=0.0, rounds=1, seconds=0.0)
+    result = baerase.EraseResult(
+        model=broken,
+        history=[],
+        erased=[0],
+        verified=False,
+        evidence=[],
+        accuracy_before=0.0,
+        accuracy_after=0.0,
+        trigger_asr_before=0.0,
+        trigger_asr_after=0.0,
+        rounds=1,
+        seconds=0.0,
+    )
     with pytest.raises(DivergenceError, match="NaN/inf weights"):
         write_outputs(tmp_path / "out", report, X, result)
     assert list(tmp_path.iterdir()) == []
 
 
 # ---- divergence -------------------------------------------------------------------------------
+
 
 class NaNOnTriggered(TinyNet):
     """Finite logits on the clean images it was given, NaN on anything else (triggered inputs)."""
@@ -289,6 +308,7 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
 
 # ---- determinism and audit trail --------------------------------------------------------------
 
+
 def test_seeded_scans_agree_and_leave_the_global_rng_alone():
     import random
 
@@ -314,11 +334,26 @@ def test_report_records_versions_backend_config_seed_and_hashes(tmp_path):
     m = load_model(path, f"{__name__}:TinyNet")
     report = _scan(m=m)
     prov = report.provenance
-    for key in ("baerase", "torch", "python", "device", "backend", "seed", "config", "model_sha256",
-                "data_sha256", "model_file", "model_file_sha256"):
+    for key in (
+        "baerase",
+        "torch",
+        "python",
+        "device",
+        "backend",
+        "seed",
+        "config",
+        "model_sha256",
+        "data_sha256",
+        "model_file",
+        "model_file_sha256",
+    ):
         assert key in prov, key
     assert prov["baerase"] == baerase.__version__ and prov["torch"] == torch.__version__
-    assert prov["backend"] == report.backend and prov["seed"] == CFG.seed and prov["config"]["steps"] == CFG.steps
+    assert (
+        prov["backend"] == report.backend
+        and prov["seed"] == CFG.seed
+        and prov["config"]["steps"] == CFG.steps
+    )
     assert prov["model_file_sha256"] == sha256_file(path)
     assert prov["data_sha256"] == _scan(m=model()).provenance["data_sha256"]
     assert prov["data_sha256"] != _scan(x=X.flip(0)).provenance["data_sha256"]
