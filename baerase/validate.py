@@ -101,8 +101,12 @@ def check_normalize(normalize: object, channels: int, device: torch.device) -> t
 
 @torch.no_grad()
 def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std) -> int:
-    """Run the model once on two images; return its number of classes K, checking the output."""
+    """Run the model once on two images and two altered copies; return its number of classes K,
+    checking the output."""
+    # Scanning feeds the model altered images; one that gives NaN on them would only fail (or,
+    # worse, score as harmless) deep inside recovery, so try a stamped-looking copy up front.
     x = images[:2]
+    x = torch.cat([x, 0.75 * x + 0.25 * (1 - x.flip(-1))])
     x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
     training = model.training
     model.eval()
@@ -120,8 +124,14 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         raise InputError(f"the model must return logits [N, K] for N images, got {shape}")
     if out.shape[1] < 2:
         raise InputError(f"the model must have at least 2 classes, got {out.shape[1]} logits")
-    if not torch.isfinite(out).all():
+    clean = len(x) // 2
+    if not torch.isfinite(out[:clean]).all():
         raise InputError("the model returned NaN or inf logits on clean images")
+    if not torch.isfinite(out[clean:]).all():
+        raise InputError(
+            "the model returned NaN or inf logits on slightly altered clean images (as a trigger alters "
+            "them), so triggers cannot be scored; check the model for numerical problems"
+        )
     k = out.shape[1]
     if labels.max().item() >= k:
         raise InputError(

@@ -245,33 +245,39 @@ def test_a_model_with_nan_weights_is_never_saved(tmp_path):
 
 
 class NaNOnTriggered(TinyNet):
-    """Finite logits on the clean images it was given, NaN on anything else (triggered inputs)."""
+    """Finite logits on the clean images it was given, NaN on anything else (triggered inputs),
+    once ``honest_calls`` forward calls have passed (so that it can slip past the input probe)."""
 
-    def __init__(self, clean):
+    def __init__(self, clean, honest_calls: int = 0):
         super().__init__()
         self.register_buffer("clean", clean.flatten(1))
-        self.armed = True
+        self.honest_calls = honest_calls
 
     def forward(self, x):
         logits = super().forward(x)
-        if not self.armed:
+        self.honest_calls -= 1
+        if self.honest_calls >= 0:
             return logits
         known = (x.flatten(1)[:, None] - self.clean[None]).abs().amax(2).min(1).values < 1e-6
         return torch.where(known[:, None], logits, torch.full_like(logits, math.nan))
 
 
+def test_model_with_nan_on_altered_inputs_is_refused_up_front():
+    with pytest.raises(InputError, match="NaN or inf logits on slightly altered clean images"):
+        _scan(m=NaNOnTriggered(X))
+
+
 def test_recovery_on_nan_for_triggered_inputs_raises_divergence():
-    m = NaNOnTriggered(X)
+    m = NaNOnTriggered(X, honest_calls=1)  # passes the input probe, then diverges
     with pytest.raises(DivergenceError, match="NaN/inf"):
         _scan(m=m, config=CFG.replace(steps=25))  # more non-finite steps than recovery tolerates
 
 
 def test_erase_on_nan_for_triggered_inputs_never_returns_a_broken_model(tmp_path):
-    m = NaNOnTriggered(X)
-    m.armed = False
+    m = NaNOnTriggered(X, honest_calls=10**6)
     report = _scan(m=m)
     report.classes[1].flagged = True  # force an erase whatever this random model scored
-    m.armed = True
+    m.honest_calls = 1
     before = {k: v.clone() for k, v in m.state_dict().items()}
     try:
         result = baerase.erase(m, X, Y, report, config=CFG)
