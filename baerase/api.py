@@ -1,6 +1,7 @@
 """The public entry points: ``scan`` (recover + detect), ``erase`` (unlearn + verify), ``audit``."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from .data import as_tensors, split
 from .detect import anomaly_index, flag_classes, score_values
 from .errors import InputError
 from .recover import TriggerSet, attack_success, frozen, recover
+from .recover.checkpoint import ChunkStore
+from .recover.recovery import plan_chunks, recover_scored
 from .report import ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
 from .unlearn import unlearn
 from .validate import check_device, check_images, check_labels, check_model, check_normalize, probe_classes
@@ -110,6 +113,7 @@ def scan(
     *,
     normalize: Normalize = None,
     config: Config | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> ScanReport:
     """Recover a trigger distribution for every candidate class and flag the backdoored ones.
 
@@ -119,26 +123,60 @@ def scan(
         labels: int64 [N] in [0, K).
         normalize: optional per-channel (mean, std) applied before the model is called.
         config: ``baerase.Config``; defaults to ``Config()`` (``Config.paper()`` for the paper).
+        checkpoint: directory for per-chunk checkpoints (overrides ``config.checkpoint_dir``); a
+            scan killed mid-way and started again with the same directory resumes from it.
     Returns:
         ScanReport with ``flagged`` (sorted list of backdoored classes), ``classes`` (per-class
-        evidence) and ``to_json()``.
+        evidence) and ``to_json()``. Under ``torchrun`` every rank returns the same verdict; the
+        recovered triggers are gathered on rank 0 only.
     """
     start = time.perf_counter()
     session = _Session(model, images, labels, normalize, config)
     cfg = session.config
+    if checkpoint is not None:
+        cfg = session.config = cfg.replace(checkpoint_dir=os.fspath(checkpoint))
     targets = list(range(session.num_classes)) if cfg.classes is None else _check_targets(cfg.classes, session.num_classes)
     with session.running():
         backend = ops.backend_for("trigger_apply", session.device)
-        triggers, success = session.recover(model, targets, "baerase scan")
-    index, flagged = flag_classes(triggers.norms(), success, cfg.anomaly_threshold, cfg.min_attack_success,
-                                  _side(cfg.family))
+        triggers, success, norms = _scan_recover(session, model, targets)
+    index, flagged = flag_classes(norms, success, cfg.anomaly_threshold, cfg.min_attack_success, _side(cfg.family))
     classes = [
         ClassResult(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a), flagged=bool(f))
-        for t, s, n, a, f in zip(targets, success.tolist(), triggers.norms().tolist(), index.tolist(), flagged.tolist())
+        for t, s, n, a, f in zip(targets, success.tolist(), norms.tolist(), index.tolist(), flagged.tolist())
     ]
     return ScanReport(classes=classes, num_classes=session.num_classes, image_shape=tuple(session.images.shape[1:]),
                       family=cfg.family, backend=backend, config=cfg.to_dict(), seconds=time.perf_counter() - start,
                       provenance=session.provenance(), triggers=triggers)
+
+
+def _scan_recover(session: _Session, model: nn.Module, targets: list[int]):
+    """(triggers, success [K], norms [K]) of every target: chunked, checkpointed when asked, and
+    sharded over ranks when launched with torchrun (triggers then on rank 0 only)."""
+    from . import distributed
+
+    cfg = session.config
+    sharded = distributed.enabled()
+    rank, world = distributed.setup(session.device) if sharded else (0, 1)
+    data_hash = sha256_tensors(session.images, session.labels)
+    if sharded:
+        distributed.check_same_inputs(f"{sha256_model(model)}:{data_hash}")
+    with frozen(model):
+        chunks = plan_chunks(model, session.fit[0], targets, cfg, session.mean, parts=world)
+        mine = distributed.shard(chunks, rank, world)
+        store = None
+        if cfg.checkpoint_dir is not None:
+            run_only = ("progress", "checkpoint_dir")
+            fingerprint = dict(config={k: v for k, v in cfg.to_dict().items() if k not in run_only},
+                               model_sha256=sha256_model(model), data_sha256=data_hash, targets=targets,
+                               device=session.device.type)
+            store = ChunkStore(cfg.checkpoint_dir, fingerprint)
+        total = sum(len(c) for c in mine) * cfg.steps
+        with _progress(total, "baerase scan", cfg.progress and rank == 0) as bar:
+            triggers, success = recover_scored(model, session.fit, session.val, mine, cfg, session.mean,
+                                               session.std, on_step=bar.update, store=store)
+    if not sharded:
+        return triggers, success, triggers.norms()
+    return distributed.gather(chunks, mine, triggers, success, session.device)
 
 
 def _check_targets(classes, k: int) -> list[int]:

@@ -60,6 +60,13 @@ class Config:
     device: str | None = None  # None: the model's device
     progress: bool = True
 
+    # Scale (all off by default: they change speed or memory, not the method).
+    checkpoint_dir: str | None = None  # finished chunks saved here; a killed scan resumes from them
+    amp: bool = False  # bf16 autocast of the suspect model's forward on CUDA (no effect on CPU)
+    channels_last: bool = False  # feed the model channels-last images (convs on tensor cores prefer it)
+    compile: bool = False  # torch.compile the suspect model for recovery
+    halving: bool = False  # stop, after a third of the steps, classes that clearly cannot be outliers
+
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")

@@ -24,6 +24,7 @@ log = logging.getLogger("baerase")
 _PATIENCE = 5  # steps of (un)successful attack before the mask cost moves (Neural Cleanse's rule)
 _COST_UP, _COST_DOWN = 1.5, 1.5**1.5
 _MAX_BAD_STEPS = 20  # non-finite steps tolerated (each skipped) before giving up
+_SEED_STRIDE = 1_000_003  # a prime: chunk seeds of nearby classes never collide for K < 10^6
 
 
 @contextmanager
@@ -42,6 +43,93 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(training)
 
 
+def plan_chunks(model: nn.Module, images: torch.Tensor, targets: list[int], config: Config,
+                mean: torch.Tensor | None = None, parts: int = 1) -> list[list[int]]:
+    """Split ``targets`` into chunks that fit ``config.memory_budget`` (or ``config.chunk_size``),
+    at least ``parts`` of them when there are enough targets (one per distributed rank)."""
+    chunk = config.chunk_size or plan_chunk_size(
+        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.batch_size,
+        len(targets), config.memory_budget)
+    if parts > 1 and not config.chunk_size:
+        chunk = min(chunk, -(-len(targets) // parts))
+    return [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
+
+
+def chunk_seed(seed: int, targets: list[int]) -> int:
+    """RNG seed of the chunk starting at ``targets[0]``: a chunk's result depends only on its own
+    classes, so a resumed or sharded scan recomputes exactly what a single run would. The chunk
+    that starts at class 0 uses ``seed`` itself."""
+    return (seed + _SEED_STRIDE * int(targets[0])) % (2**63)
+
+
+def recover_scored(
+    model: nn.Module,
+    fit: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    chunks: list[list[int]],
+    config: Config,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
+    store=None,
+) -> tuple[TriggerSet | None, torch.Tensor]:
+    """Recover and score every chunk: (TriggerSet of all chunk targets in order, success [K]).
+
+    Each chunk is seeded from ``chunk_seed`` and scored on ``val`` right after its recovery, and,
+    with a ``ChunkStore``, saved once finished and loaded instead of recomputed. A CUDA OOM splits
+    the chunk in two. Returns (None, empty) when ``chunks`` is empty (a rank with nothing to do).
+    """
+    device = fit[0].device
+    queue, parts, scores = [list(c) for c in chunks], [], []
+    forward = _forward_fn(model, config, device)
+    while queue:
+        piece = queue.pop(0)
+        saved = store.load(piece) if store is not None else None
+        if saved is not None:
+            triggers, success = saved[0].to(device), saved[1].to(device)
+            if on_step is not None:
+                on_step(len(piece) * config.steps)
+        else:
+            try:
+                torch.manual_seed(chunk_seed(config.seed, piece))
+                # Re-stacked as ``recover`` returns it (building a TriggerSet draws initial weights), so a
+                # one-chunk scan reproduces the random stream, and the verdicts, of ``recover`` + scoring.
+                triggers = TriggerSet.concat([_recover_chunk(forward, *fit, piece, config, mean, std, on_step)])
+                success = attack_success(triggers, forward, *val, mean, std)
+            except torch.cuda.OutOfMemoryError:
+                if len(piece) == 1:
+                    raise
+                half = len(piece) // 2
+                queue[:0] = [piece[:half], piece[half:]]
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory: retrying with %d candidate classes per chunk", half)
+                continue
+            if store is not None:
+                store.save(triggers, success)
+        parts.append(triggers)
+        scores.append(success)
+    if not parts:
+        return None, torch.zeros(0, device=device)
+    return TriggerSet.concat(parts), torch.cat(scores)
+
+
+def _forward_fn(model: nn.Module, config: Config, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model call used for recovery: optionally compiled, channels-last, bf16 autocast on CUDA."""
+    run = torch.compile(model) if getattr(config, "compile", False) else model
+    amp = getattr(config, "amp", False) and device.type == "cuda"
+    channels_last = getattr(config, "channels_last", False)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return run(x).float()  # the hinge and softmax stay in fp32
+        return run(x)
+
+    return forward
+
+
 def recover(
     model: nn.Module,
     images: torch.Tensor,
@@ -58,9 +146,7 @@ def recover(
     normalise inside. Returns the TriggerSet holding, per class, the smallest trigger that still
     flipped ``config.success_threshold`` of a batch (mask family) or the final one (patch family).
     """
-    chunk = config.chunk_size or plan_chunk_size(
-        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.batch_size,
-        len(targets), config.memory_budget)
+    chunk = len(plan_chunks(model, images, targets, config, mean)[0])
     parts, start = [], 0
     while start < len(targets):
         piece = targets[start:start + chunk]
