@@ -6,6 +6,7 @@ gathers every class's evidence before flagging, because the anomaly index needs 
 chunk is seeded from its own classes, so with the same chunks the numbers, and hence the verdict,
 equal those of a single-process scan.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,12 +45,17 @@ def check_same_inputs(fingerprint: str) -> None:
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, fingerprint)
     if len(set(seen)) != 1:
-        raise InputError("the ranks of a distributed scan hold different models or data; load the same "
-                         "model and hold-out set (same order) on every rank")
+        raise InputError(
+            "the ranks of a distributed scan hold different models or data; load the same "
+            "model and hold-out set (same order) on every rank"
+        )
 
 
 def gather(
-    chunks: list[list[int]], mine: list[list[int]], triggers: TriggerSet | None, success: torch.Tensor,
+    chunks: list[list[int]],
+    mine: list[list[int]],
+    triggers: TriggerSet | None,
+    success: torch.Tensor,
     device: torch.device,
 ) -> tuple[TriggerSet | None, torch.Tensor, torch.Tensor]:
     """Collect every rank's results in the order of ``chunks``.
@@ -64,7 +70,9 @@ def gather(
     everyone = [None] * world
     dist.all_gather_object(everyone, local)
     states = [None] * world if rank == 0 else None
-    state = None if triggers is None else (triggers.meta, {k: v.cpu() for k, v in triggers.state_dict().items()})
+    state = (
+        None if triggers is None else (triggers.meta, {k: v.cpu() for k, v in triggers.state_dict().items()})
+    )
     dist.gather_object(state, states, dst=0)
 
     # Position of each chunk's rows inside the payload of the rank that computed it.
