@@ -93,7 +93,7 @@ class ChunkStore:
             tensors = load_file(str(path))
             success = tensors.pop("attack_success")
             triggers = TriggerSet.from_state(meta, tensors)
-        except Exception as exc:  # safetensors raises its own error types across versions
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types across versions
             # Atomic writes make this unexpected (e.g. a disk fault); recomputing is always safe.
             log.warning("ignoring unreadable checkpoint %s (%s); recomputing that chunk", path, exc)
             return None
