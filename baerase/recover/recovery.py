@@ -178,7 +178,18 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
     tracker = _MaskCostTracker(k, config, device)
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
     bad_steps = 0
-    for _ in range(config.steps):
+    # Successive halving: after a third of the budget, classes that are hopeless stop using the model.
+    halve_at = config.steps // 3 if getattr(config, "halving", False) and config.family == "mask" else -1
+    active = torch.ones(k, dtype=torch.bool, device=device)
+    peak = torch.zeros(k, device=device)
+    stopped, frozen_state = None, None
+    for step in range(config.steps):
+        if step == halve_at and k > 1:
+            stopped = _hopeless(peak, triggers.norms().detach(), config.success_threshold)
+            if stopped.any():
+                frozen_state = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
+                active = ~stopped
+                log.info("halving: %d of %d candidate classes stop early", int(stopped.sum()), k)
         batch = torch.randint(0, len(labels), (b,), device=device)
         x, y = images[batch], labels[batch]
         # A class's own images prove nothing about its trigger: they carry no weight in its loss.
@@ -186,9 +197,14 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
         weight_sum = weight.sum(1).clamp(min=1)
 
         z, g = triggers.sample(b, config.noise_std)
-        logits = model(triggers.stamp(x, g, mean, std).flatten(0, 1))
-        hinge, _ = ops.trigger_loss(logits, target_rows, config.beta)
-        attack = (hinge.view(k, b) * weight).sum(1) / weight_sum
+        stamped = triggers.stamp(x, g, mean, std).flatten(0, 1)
+        if frozen_state is None:
+            logits, rows = model(stamped), target_rows
+        else:
+            keep = active.repeat_interleave(b)
+            logits, rows = model(stamped[keep]), target_rows[keep]
+        hinge, _ = ops.trigger_loss(logits, rows, config.beta)
+        attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
         surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.mine_ma_rate)
         norm = triggers.norms() / area
         loss = (-attack - config.alpha * surrogate + tracker.cost * norm).sum()
@@ -199,8 +215,9 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
             continue
 
         with torch.no_grad():
-            flipped = (logits.argmax(1) == target_rows).view(k, b).float()
+            flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
             success = (flipped * weight).sum(1) / weight_sum
+            peak = torch.maximum(peak, success)
             if config.family == "mask":
                 improved = tracker.update(success, norm.detach())
                 _keep_where(best, triggers.state_dict(), improved)
@@ -213,8 +230,27 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
     if config.family == "mask":
         # Classes that never reached the success threshold keep their last state.
         _keep_where(best, triggers.state_dict(), ~tracker.found_any)
+        if frozen_state is not None:
+            # A stopped class still drew entropy gradients; its evidence is its state when it stopped.
+            _keep_where(best, frozen_state, stopped)
         triggers.load_state_dict(best)
     return triggers
+
+
+def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:
+    """Per-row values of the active classes [A * b] -> [K, b], zero for stopped classes."""
+    if bool(active.all()):
+        return values.view(k, b)
+    full = values.new_zeros(k, b)
+    full[active] = values.view(-1, b)
+    return full
+
+
+def _hopeless(peak: torch.Tensor, norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Classes to stop: their trigger never flipped half of what counts as working (peak [K]) and
+    their mask is larger than the chunk's median (norms [K]). Detection flags only a working trigger
+    whose mask is an outlier *below* the median: such a class is far from it on both counts."""
+    return (peak < 0.5 * threshold) & (norms > norms.median())
 
 
 def _keep_where(best: dict, current: dict, rows: torch.Tensor) -> None:
