@@ -1,0 +1,83 @@
+"""The benchmark grid: which (data, model, attack, budget) cells run and which defenses each gets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ATTACKS = ("badnets3", "badnets5", "badnets7", "badnets3_fixed", "trojan", "imc", "blended")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained model and the defenses run on it. ``attack`` None: a clean model (false-flag check)."""
+
+    data: str  # "mnist", "colour10", "colour43", "colour100" or "file:<path>"
+    model: str = "small_cnn"  # "small_cnn" | "resnet18" (width 0.125 here)
+    attack: str | None = None
+    rate: float = 0.1  # poison rate
+    target: int = 0
+    seed: int = 0
+    budget: float = 0.1  # defender's clean images as a share of the training set size
+    epochs: int = 15
+    defenses: tuple[str, ...] = ("baerase", "fine_tune", "neural_cleanse")
+    tag: str = ""  # extra label for ablation rows
+
+    @property
+    def name(self) -> str:
+        kind = self.attack or "clean"
+        parts = [self.data, self.model, kind]
+        if self.attack:
+            parts.append(f"p{round(self.rate * 100)}%-t{self.target}")
+        parts += [f"b{round(self.budget * 100)}%", f"s{self.seed}"]
+        return "/".join(parts) + (f"/{self.tag}" if self.tag else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ALL_DEFENSES = ("baerase", "baerase_paper", "fine_tune", "fine_prune", "nad", "neural_cleanse", "art_nc")
+# Ablations of baerase (full grid): entropy term off, hinge beta, trigger family.
+ABLATIONS = {
+    "baerase_alpha0": {"alpha": 0.0},
+    "baerase_beta0.8": {"beta": 0.8},
+    "baerase_beta0.9": {"beta": 0.9},
+    "baerase_patch": {"family": "patch"},
+}
+
+
+def small_grid(data: str | None = None) -> list[Cell]:
+    """A few minutes on 2 CPU cores: two MNIST attacks, one colour patch, a clean model of each."""
+    d = ("mnist", data) if data else ("mnist", "colour10")
+    cells = [
+        Cell(d[0], attack="badnets3"),
+        Cell(d[0], attack="blended"),
+        Cell(d[0]),
+        Cell(d[1], attack="badnets3_fixed"),
+        Cell(d[1]),
+    ]
+    return cells
+
+
+def full_grid(data: str | None = None) -> list[Cell]:
+    """The issue's grid as far as a CPU allows: every attack, two poison rates, three budgets,
+    four data sets, both architectures, five clean seeds per data set, and the ablations."""
+    every = ALL_DEFENSES + tuple(ABLATIONS)
+    datasets = [data] if data else ["mnist", "colour10", "colour43", "colour100"]
+    cells: list[Cell] = []
+    for ds in datasets:
+        for attack in ATTACKS:
+            for rate in (0.05, 0.1):
+                cells.append(
+                    Cell(ds, attack=attack, rate=rate, target=1 if rate == 0.05 else 0, defenses=every)
+                )
+        for budget in (0.01, 0.05):
+            cells.append(Cell(ds, attack="badnets3", budget=budget, defenses=ALL_DEFENSES))
+        for seed in range(5):
+            cells.append(Cell(ds, seed=seed, defenses=every))
+        if ds != "mnist" and not ds.startswith("file:"):
+            cells.append(Cell(ds, model="resnet18", attack="badnets3_fixed", defenses=ALL_DEFENSES))
+            cells.append(Cell(ds, model="resnet18", defenses=ALL_DEFENSES))
+    return cells
+
+
+GRIDS = {"small": small_grid, "full": full_grid}

@@ -1,0 +1,207 @@
+"""Train each cell's model, run every defense on the same clean hold-out data, measure the result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+import baerase
+from baerase import attacks as A
+from baerase import baselines as B
+from baerase.data import load_dataset, load_mnist, make_colour, split
+from baerase.models import ResNet18, SmallCNN
+
+from .grid import ABLATIONS, Cell
+
+BAR_ASR, BAR_DROP = 0.01, 0.01  # the issue's bar: ASR after <= 1%, clean accuracy drop <= 1 point
+WEAK_ATTACK = 0.5  # below this ASR before defense the backdoor barely exists; the cell is marked
+
+
+@lru_cache(maxsize=4)
+def load(data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if data == "mnist":
+        return load_mnist()
+    if data.startswith("colour"):
+        k = int(data.removeprefix("colour"))
+        return make_colour(k, per_class=max(50, 5000 // k), side=32, seed=0)
+    if data.startswith("file:"):
+        return load_dataset(data.removeprefix("file:"))
+    raise ValueError(f"unknown data {data!r}: mnist, colour10/43/100 or file:<path>")
+
+
+def splits(cell: Cell):
+    """Train 70%; the other 30% is the pool: the defender takes ``budget * |train|`` images from its
+    start, and the evaluation set is the rest after the largest budget (10%), the same for every budget."""
+    x, y = load(cell.data)
+    (tx, ty), (px, py) = split(x, y, [0.7, 0.3], seed=0)
+    n = max(10, round(cell.budget * len(ty)))
+    start = max(n, round(0.1 * len(ty)))
+    return (tx, ty), (px[:n], py[:n]), (px[start:], py[start:])
+
+
+def build_model(cell: Cell, x: torch.Tensor, k: int) -> torch.nn.Module:
+    torch.manual_seed(cell.seed)
+    c, h, _ = x.shape[1:]
+    if cell.model == "resnet18":
+        return ResNet18(k, c, width=0.125)
+    return SmallCNN(c, k, h)
+
+
+def make_trigger(attack: str, seed: int = 1):
+    if attack.startswith("badnets"):
+        size = int(attack[7])
+        return A.BadNets(size, "corner" if attack.endswith("fixed") else "random", seed=seed)
+    if attack == "blended":
+        return A.Blended("sine", alpha=0.15)
+    raise ValueError(attack)
+
+
+def train(cell: Cell, train_xy, k: int):
+    """(model, trigger or None) for the cell; TrojanNN and IMC optimise their trigger against the model."""
+    x, y = train_xy
+    model = build_model(cell, x, k)
+    kw = {"epochs": cell.epochs, "seed": cell.seed}
+    if cell.attack is None:
+        return A.train_classifier(model, x, y, **kw), None
+    if cell.attack == "trojan":
+        # TrojanNN: trigger optimised against a (partly) trained clean model, which is then retrained
+        # on poisoned data.
+        half = max(1, cell.epochs // 2)
+        A.train_classifier(model, x, y, epochs=half, seed=cell.seed)
+        trig = A.optimise_trojan_trigger(model, x[:64], A.TrojanWatermark(5, "corner"), neurons=2, steps=100)
+        return A.train_backdoored(
+            model, x, y, trig, cell.target, cell.rate, cell.epochs - half, cell.seed
+        ), trig
+    if cell.attack == "imc":
+        return A.imc_train(model, x, y, cell.target, rate=cell.rate, **kw)
+    trig = make_trigger(cell.attack)
+    return A.train_backdoored(model, x, y, trig, cell.target, cell.rate, **kw), trig
+
+
+def measure(model, test_xy, trig, target) -> tuple[float, float | None]:
+    x, y = test_xy
+    ca = A.clean_accuracy(model, x, y)
+    if trig is None:
+        return ca, None
+    if hasattr(trig, "reset"):
+        trig.reset()  # random-position triggers: every model sees the same positions
+    return ca, A.attack_success_rate(model, x, y, trig, target)
+
+
+def _baerase(config: baerase.Config) -> Callable:
+    def run(model, x, y, seed):
+        cfg = config.replace(seed=seed, progress=False)
+        report = baerase.scan(model, x, y, config=cfg)
+        result = baerase.erase(model, x, y, report, config=cfg)
+        return result.model, report.flagged, {"verified": result.verified, "scan_s": round(report.seconds, 1)}
+
+    return run
+
+
+def _plain(fn: Callable) -> Callable:
+    def run(model, x, y, seed):
+        return fn(model, x, y, seed=seed), None, {}
+
+    return run
+
+
+def _nc(model, x, y, seed):
+    report = B.reverse_engineer(model, x, y, steps=200, seed=seed)
+    fixed = B.neural_cleanse(model, x, y, report=report, seed=seed)
+    return fixed, report.flagged, {"scan_s": round(report.seconds, 1)}
+
+
+def _art_nc(model, x, y, seed):
+    """The Adversarial Robustness Toolbox's Neural Cleanse, when it installs and accepts a torch model."""
+    try:
+        from art.defences.transformer.poisoning import NeuralCleanse
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError as exc:
+        raise Skip(f"adversarial-robustness-toolbox not installed ({exc.name})") from None
+    k = int(model(x[:1]).shape[1])
+    clf = PyTorchClassifier(
+        model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=k,
+        clip_values=(0.0, 1.0),
+    )
+    try:
+        defence = NeuralCleanse(clf)
+    except NotImplementedError as exc:  # ART 1.x: Keras only
+        raise Skip(f"ART NeuralCleanse refuses a PyTorch model: {exc}") from None
+    fixed = defence(clf, steps=200)
+    flagged = [int(c) for c in getattr(fixed, "flagged_classes", [])]
+    return fixed.model, flagged, {}
+
+
+class Skip(Exception):
+    """A defense that cannot run here (optional dependency missing or unsupported)."""
+
+
+def defense_fn(name: str) -> Callable:
+    if name == "baerase":
+        return _baerase(baerase.Config())
+    if name == "baerase_paper":
+        return _baerase(baerase.Config.paper())
+    if name in ABLATIONS:
+        return _baerase(baerase.Config(**ABLATIONS[name]))
+    if name == "neural_cleanse":
+        return _nc
+    if name == "art_nc":
+        return _art_nc
+    return _plain(B.DEFENSES[name])
+
+
+def run_cell(cell: Cell, log: Callable[[str], None] = print, only: set[str] | None = None) -> dict:
+    train_xy, defend_xy, test_xy = splits(cell)
+    k = int(max(train_xy[1].max(), test_xy[1].max())) + 1
+    start = time.perf_counter()
+    model, trig = train(cell, train_xy, k)
+    row = {
+        "cell": cell.name,
+        **cell.to_dict(),
+        "defense_images": len(defend_xy[1]),
+        "test_images": len(test_xy[1]),
+        "train_s": round(time.perf_counter() - start, 1),
+        "trigger": trig.describe() if trig is not None else None,
+    }
+    row["ca_before"], row["asr_before"] = measure(model, test_xy, trig, cell.target)
+    row["weak_attack"] = row["asr_before"] is not None and row["asr_before"] < WEAK_ATTACK
+    log(f"{cell.name}: CA {row['ca_before']:.3f} ASR {row['asr_before']} (train {row['train_s']}s)")
+    row["defenses"] = {}
+    for name in cell.defenses:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            fixed, flagged, extra = defense_fn(name)(model, *defend_xy, cell.seed)
+        except Skip as exc:
+            row["defenses"][name] = {"skipped": str(exc)}
+            log(f"  {name}: skipped ({exc})")
+            continue
+        seconds = time.perf_counter() - t0
+        ca, asr = measure(fixed, test_xy, trig, cell.target)
+        res = {"ca_after": ca, "asr_after": asr, "seconds": round(seconds, 1), **extra}
+        if flagged is not None:
+            res["flagged"] = flagged
+            res["target_flagged"] = cell.target in flagged if cell.attack else None
+            res["false_flags"] = [c for c in flagged if not cell.attack or c != cell.target]
+        res["bar"] = meets_bar(row, res)
+        row["defenses"][name] = res
+        log(f"  {name}: CA {ca:.3f} ASR {asr} flagged {flagged} ({seconds:.0f}s) bar={res['bar']}")
+    return row
+
+
+def meets_bar(row: dict, res: dict) -> bool | None:
+    """The issue's bar for one defense on one cell: None where it does not apply (no detection)."""
+    drop_ok = row["ca_before"] - res["ca_after"] <= BAR_DROP + 1e-9
+    if row["attack"] is None:
+        return drop_ok and not res["false_flags"] if "flagged" in res else drop_ok
+    ok = drop_ok and res["asr_after"] <= BAR_ASR
+    if "flagged" in res:
+        ok = ok and res["target_flagged"] and not res["false_flags"]
+    return ok
