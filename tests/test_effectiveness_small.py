@@ -1,0 +1,46 @@
+"""The effectiveness benchmark runs end to end: one quick cell always, the whole small grid when slow tests run."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.effectiveness import __main__ as cli
+from benchmarks.effectiveness.grid import Cell, full_grid, small_grid
+from benchmarks.effectiveness.report import write
+from benchmarks.effectiveness.run import run_cell
+
+
+def test_grids_cover_the_issue():
+    small, full = small_grid(), full_grid()
+    assert {c.attack for c in small} == {None, "badnets3", "blended", "badnets3_fixed"}
+    assert {c.data for c in full} == {"mnist", "colour10", "colour43", "colour100"}
+    assert {c.attack for c in full} >= {"badnets3", "badnets5", "badnets7", "badnets3_fixed", "trojan", "imc"}
+    assert {c.rate for c in full} == {0.05, 0.1} and {c.budget for c in full} == {0.01, 0.05, 0.1}
+    assert sum(c.attack is None and c.data == "mnist" for c in full) >= 5
+
+
+def test_one_cell_and_report(tmp_path):
+    torch.set_num_threads(1)
+    cell = Cell(
+        "mnist", attack="badnets3_fixed", epochs=1, defenses=("fine_tune", "neural_cleanse", "art_nc")
+    )
+    row = run_cell(cell, log=lambda s: None, only={"fine_tune", "art_nc"})
+    assert row["defense_images"] == 350 and row["asr_before"] is not None
+    res = row["defenses"]["fine_tune"]
+    assert 0 <= res["ca_after"] <= 1 and 0 <= res["asr_after"] <= 1 and res["bar"] in (True, False)
+    assert "skipped" in row["defenses"]["art_nc"]  # ART's Neural Cleanse takes Keras models only
+    paths = write([row], {"grid": "test", "threads": 1, "machine": "cpu", "seconds": 1.0}, tmp_path, "eff")
+    assert json.loads((tmp_path / "eff.json").read_text())["rows"][0]["cell"] == cell.name
+    assert "| fine_tune |" in (tmp_path / "eff.md").read_text()
+    assert len(paths) >= 2
+
+
+@pytest.mark.slow
+def test_small_grid(tmp_path):
+    assert cli.main(["--grid", "small", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "effectiveness.json").read_text())["rows"]
+    assert len(rows) == len(small_grid())
+    for row in rows:
+        assert set(row["defenses"]) == {"baerase", "fine_tune", "neural_cleanse"}
+        assert all("ca_after" in r for r in row["defenses"].values())
