@@ -30,20 +30,37 @@ NOTES = [
 ]
 
 
+def _source_state() -> str:
+    """The commit the numbers come from, and whether baerase/ had uncommitted edits when they were taken."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "baerase"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}" + (" with uncommitted changes under baerase/" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.effectiveness", description=__doc__)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
     ap.add_argument("--data", help="a data set for baerase.data.load_dataset (idx, CIFAR batches, GTSRB...)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
-    ap.add_argument("--cells", help="run only cells whose name contains this text")
+    ap.add_argument("--cells", help="run only cells whose name contains one of these comma-separated texts")
     ap.add_argument("--defenses", help="comma-separated subset of defenses")
     ap.add_argument("--epochs", type=int, help="override training epochs (quick checks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cells = GRIDS[args.grid](f"file:{args.data}" if args.data else None)
     if args.cells:
-        cells = [c for c in cells if args.cells in c.name]
+        cells = [c for c in cells if any(part in c.name for part in args.cells.split(","))]
     if args.epochs:
         import dataclasses
 
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": NOTES,
         "seconds": 0.0,
     }
+    meta["baerase_source"] = _source_state()
     start, rows = time.perf_counter(), []
     for cell in cells:
         rows.append(run_cell(cell, log=lambda s: print(s, flush=True), only=only))

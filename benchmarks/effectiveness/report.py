@@ -15,7 +15,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Effectiveness benchmark ({meta['grid']} grid)",
         "",
         (
-            f"{meta['machine']}; torch threads {meta['threads']}; total {meta['seconds']:.0f} s. "
+            f"{meta['machine']}; torch threads {meta['threads']}; total {meta['seconds']:.0f} s; "
+            f"baerase source {meta.get('baerase_source', 'unknown')}. "
             "CA / ASR in % on the held-out evaluation images; ASR = share of non-target images classified "
             "as the target once the real trigger is stamped. Bar (baerase): ASR after <= 1%, CA drop <= 1 "
             "point, target flagged, nothing else flagged (clean models: no flag)."

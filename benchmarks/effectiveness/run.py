@@ -96,7 +96,15 @@ def _baerase(config: baerase.Config) -> Callable:
         cfg = config.replace(seed=seed, progress=False)
         report = baerase.scan(model, x, y, config=cfg)
         result = baerase.erase(model, x, y, report, config=cfg)
-        return result.model, report.flagged, {"verified": result.verified, "scan_s": round(report.seconds, 1)}
+        # The guard's own view (its validation split of the defender's images) explains CA drops on the test set.
+        extra = {
+            "verified": result.verified,
+            "scan_s": round(report.seconds, 1),
+            "rounds": result.rounds,
+            "guard_ca_before": result.accuracy_before,
+            "guard_ca_after": result.accuracy_after,
+        }
+        return result.model, report.flagged, extra
 
     return run
 
