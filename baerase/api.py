@@ -166,9 +166,9 @@ def _scan_recover(session: _Session, model: nn.Module, targets: list[int]):
         store = None
         if cfg.checkpoint_dir is not None:
             run_only = ("progress", "checkpoint_dir")
-            fingerprint = dict(config={k: v for k, v in cfg.to_dict().items() if k not in run_only},
-                               model_sha256=sha256_model(model), data_sha256=data_hash, targets=targets,
-                               device=session.device.type)
+            fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k not in run_only},
+                           "model_sha256": sha256_model(model), "data_sha256": data_hash, "targets": targets,
+                           "device": session.device.type}
             store = ChunkStore(cfg.checkpoint_dir, fingerprint)
         total = sum(len(c) for c in mine) * cfg.steps
         with _progress(total, "baerase scan", cfg.progress and rank == 0) as bar:
