@@ -223,11 +223,13 @@ def erase(
     clean = [c for c in report.classes if not c.flagged]
     reference = score_values(torch.tensor([c.trigger_norm for c in clean]), torch.tensor([c.attack_success for c in clean]), side)
 
-    current, history, first, evidence = model, [], None, []
+    current, history, first, evidence, rolled_back = model, [], None, [], 0
+    floor = _accuracy(model, session) - cfg.max_accuracy_drop  # every round answers to the original model
     with session.running():
         for round_ in range(1, _MAX_ERASE_ROUNDS + 1):
             outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,
-                              session.num_classes)
+                              session.num_classes, accuracy_floor=floor)
+            rolled_back += outcome.rolled_back
             first = first or outcome
             history += [dict(row, round=round_) for row in outcome.history]
             current = outcome.model
@@ -247,7 +249,7 @@ def erase(
     return EraseResult(model=repaired, history=history, erased=flagged, verified=not still.any(), evidence=evidence,
                        accuracy_before=first.accuracy_before, accuracy_after=_accuracy(repaired, session),
                        trigger_asr_before=first.trigger_asr_before, trigger_asr_after=outcome.trigger_asr_after,
-                       rounds=round_, seconds=time.perf_counter() - start)
+                       rounds=round_, seconds=time.perf_counter() - start, rolled_back=rolled_back)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

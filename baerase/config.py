@@ -45,10 +45,11 @@ class Config:
     eval_samples: int = 256  # held-out images used to score each class
 
     # Unlearning.
-    unlearn_epochs: int = 10
+    unlearn_epochs: int = 20
     unlearn_lr: float = 1e-3
     unlearn_batch_size: int = 64
-    alpha_u: float = 1.0  # weight of the clean cross-entropy
+    alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
+    relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
     weight_l1: float = 1e-6  # lambda of ||theta - theta_0||_1
     max_accuracy_drop: float = 0.01  # never return a model that lost more clean accuracy
     asr_stop: float = 0.005  # stop once fresh recovered triggers flip less than this share
@@ -81,7 +82,7 @@ class Config:
         for name in ("lr", "mask_lr", "unlearn_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("alpha", "noise_std", "mask_cost", "weight_l1", "alpha_u"):
+        for name in ("alpha", "noise_std", "mask_cost", "weight_l1", "alpha_u", "relabel_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("beta", "success_threshold", "min_attack_success", "mine_ma_rate"):
@@ -104,7 +105,7 @@ class Config:
         """The paper's settings: patch triggers, G width 2048, Adam 2e-4, batch 128, 10 epochs
         (about 200 steps on 2,500 images), SGD unlearning at lr 1e-4 with alpha_u = 100."""
         settings = dict(family="patch", patch_size=3, hidden=2048, lr=2e-4, batch_size=128, steps=200,
-                        alpha=0.1, beta=0.5, unlearn_lr=1e-4, alpha_u=100.0, weight_l1=1e-6,
+                        alpha=0.1, beta=0.5, unlearn_lr=1e-4, alpha_u=100.0, relabel_weight=0.0, weight_l1=1e-6,
                         asr_stop=0.0005)
         settings.update(overrides)
         return cls(**settings)

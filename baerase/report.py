@@ -130,6 +130,7 @@ class EraseResult:
     trigger_asr_after: float
     rounds: int
     seconds: float
+    rolled_back: int = 0  # unlearning steps undone because they produced NaN/inf
 
     def to_dict(self) -> dict:
         keys = (

@@ -196,6 +196,8 @@ def load_model(
         raise LoadError(f"{p} is not a regular file; pass the model file itself")
     try:
         fmt = _sniff(p)
+    except LoadError:
+        raise
     except OSError as e:
         raise LoadError(f"cannot read {p}: {e.strerror or e}") from e
 

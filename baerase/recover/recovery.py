@@ -313,8 +313,11 @@ def attack_success(
         if len(y) < 2:  # the generator's batch statistics need two samples
             x, y = images[-2:], labels[-2:]
         _, g = triggers.sample(len(y))
-        pred = model(triggers.stamp(x, g, mean, std).flatten(0, 1)).argmax(1).view(k, -1)
+        logits = model(triggers.stamp(x, g, mean, std).flatten(0, 1))
+        pred = logits.argmax(1).view(k, -1)
+        # A NaN/inf output proves nothing about the trigger: count it as a success, never as erased.
+        broken = ~torch.isfinite(logits).all(1).view(k, -1)
         valid = y.unsqueeze(0) != triggers.targets.unsqueeze(1)
-        hits += ((pred == triggers.targets.unsqueeze(1)) & valid).sum(1)
+        hits += (((pred == triggers.targets.unsqueeze(1)) | broken) & valid).sum(1)
         counts += valid.sum(1)
     return hits / counts.clamp(min=1)
