@@ -199,7 +199,8 @@ def _summary(request):
     header = (
         f"# Scan scaling (CPU, 1 thread per process, {os.cpu_count()} cores, torch {torch.__version__})\n\n"
         f"make_colour {SIDE}x{SIDE} px, {PER_CLASS} images per class, SmallCNN trained one epoch; scan config "
-        f"{CONFIG}.\nWritten by `pytest benchmarks/bench_scale.py`.\n\n"
+        f"{CONFIG}.\nWritten by `pytest benchmarks/bench_scale.py`; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (other work on the machine slows the 2-rank case most).\n\n"
     )
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(header + "\n".join(lines) + "\n")
