@@ -257,7 +257,7 @@ def erase(
     with session.running():
         for round_ in range(1, _MAX_ERASE_ROUNDS + 1):
             outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,
-                              session.num_classes, accuracy_floor=floor)
+                              session.num_classes, accuracy_floor=floor, original=model)
             rolled_back += outcome.rolled_back
             first = first or outcome
             history += [dict(row, round=round_) for row in outcome.history]

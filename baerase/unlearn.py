@@ -1,7 +1,8 @@
 """Step 3 of BAERASE: erase the backdoor by unlearning the recovered triggers, under a guard.
 
 Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged class t:
-    L = alpha_u * CE(f(x), y) - min(CE(f(x'), t), cap) + r * CE(f(x'), y) + lambda * ||theta - theta_0||_1
+    L = alpha_u * [CE(f(x), y) + KL(f_0(x) || f(x))] - min(CE(f(x'), t), cap) + r * CE(f(x'), y)
+        + lambda * ||theta - theta_0||_1
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
@@ -44,6 +45,14 @@ class UnlearnOutcome:
     rolled_back: int = 0  # steps undone because they produced NaN/inf
 
 
+def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        out.append(model(x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean=None, std=None,
                    batch_size: int = 256) -> float:
@@ -66,12 +75,14 @@ def unlearn(
     std: torch.Tensor | None = None,
     num_classes: int | None = None,
     accuracy_floor: float | None = None,
+    original: nn.Module | None = None,
 ) -> UnlearnOutcome:
     """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
 
     fit, val: (images [N, C, H, W] in [0, 1], labels [N]) for the updates and for the guard.
-    No checkpoint whose validation accuracy is under ``accuracy_floor`` (default: the starting
-    accuracy minus ``config.max_accuracy_drop``) is returned.
+    A checkpoint is only returned if its validation accuracy is at least ``accuracy_floor``
+    (default: the starting accuracy minus ``config.max_accuracy_drop``) and it breaks at most
+    ``max_accuracy_drop`` of the clean images ``original`` (default ``model``) got right.
     """
     repaired = copy.deepcopy(model)
     # Eval mode while training: BatchNorm statistics must not drift toward triggered inputs.
@@ -87,11 +98,22 @@ def unlearn(
     x_fit, y_fit = fit
     x_val, y_val = val
     k = len(triggers)
+    x_all, y_all = torch.cat([x_fit, x_val]), torch.cat([y_fit, y_val])
+    # The original model's answers: soft targets that keep the clean function in place (a few
+    # hundred labels alone overfit), and the images it got right, which no checkpoint may break.
+    reference = model if original is None else original
+    with torch.no_grad():
+        reference_logp = F.log_softmax(_logits(reference, x_all, mean, std), 1)
+    fit_logp = reference_logp[: len(y_fit)]
+    right_before = reference_logp.argmax(1) == y_all
 
     def score(step: int) -> dict:
+        with torch.no_grad():
+            wrong_now = _logits(repaired, x_all, mean, std).argmax(1) != y_all
         return {
             "step": step,
             "clean_accuracy": clean_accuracy(repaired, x_val, y_val, mean, std),
+            "broken": (right_before & wrong_now).float().mean().item(),
             "trigger_asr": attack_success(triggers, repaired, x_val, y_val, mean, std).max().item(),
         }
 
@@ -118,7 +140,9 @@ def unlearn(
                 stamped = triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1)
             clean_x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
             logits = repaired(torch.cat([clean_x, stamped]))
-            clean_loss = F.cross_entropy(logits[: len(y)], y)
+            clean_logp = F.log_softmax(logits[: len(y)], 1)
+            clean_loss = F.nll_loss(clean_logp, y) + F.kl_div(clean_logp, fit_logp[batch], log_target=True,
+                                                               reduction="batchmean")
             target_rows = triggers.targets.repeat_interleave(len(y))
             _, nll = ops.trigger_loss(logits[len(y):], target_rows, 1.0)
             valid = (y.repeat(k) != target_rows).float()
@@ -141,7 +165,7 @@ def unlearn(
             if step % _EVAL_EVERY == 0 or step == total:
                 row = score(step)
                 history.append(row)
-                allowed = row["clean_accuracy"] >= floor
+                allowed = row["clean_accuracy"] >= floor and row["broken"] <= config.max_accuracy_drop
                 erased = allowed and row["trigger_asr"] <= config.asr_stop
                 # Once erased, prefer the later checkpoint: it has unlearned for longer (the margin).
                 if erased or allowed and (row["trigger_asr"], -row["clean_accuracy"]) < (
