@@ -83,7 +83,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_title(title)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))])
-        ax.set_xticklabels([r["cell"].replace("/", "\n", 2) for r in cells], fontsize=7)
+        ax.set_xticklabels([r["cell"].replace("/", "\n") for r in cells], fontsize=6)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
