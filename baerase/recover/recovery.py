@@ -115,9 +115,9 @@ def recover_scored(
 
 def _forward_fn(model: nn.Module, config: Config, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model call used for recovery: optionally compiled, channels-last, bf16 autocast on CUDA."""
-    run = torch.compile(model) if getattr(config, "compile", False) else model
-    amp = getattr(config, "amp", False) and device.type == "cuda"
-    channels_last = getattr(config, "channels_last", False)
+    run = torch.compile(model) if config.compile else model
+    amp = config.amp and device.type == "cuda"
+    channels_last = config.channels_last
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
@@ -179,7 +179,7 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
     bad_steps = 0
     # Successive halving: after a third of the budget, classes that are hopeless stop using the model.
-    halve_at = config.steps // 3 if getattr(config, "halving", False) and config.family == "mask" else -1
+    halve_at = config.steps // 3 if config.halving and config.family == "mask" else -1
     active = torch.ones(k, dtype=torch.bool, device=device)
     peak = torch.zeros(k, device=device)
     stopped, frozen_state = None, None
