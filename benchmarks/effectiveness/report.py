@@ -46,7 +46,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     clean = [r for r in rows if r["attack"] is None]
     false = sum(bool(r["defenses"].get("baerase", {}).get("false_flags")) for r in clean)
     lines += ["", f"baerase false flags on clean models: {false} of {len(clean)}."]
-    lines += ["", *meta.get("notes", [])]
+    for note in meta.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
