@@ -21,7 +21,7 @@ from .recover import TriggerSet, attack_success, frozen, recover
 from .recover.checkpoint import ChunkStore
 from .recover.recovery import plan_chunks, recover_scored
 from .report import ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
-from .unlearn import unlearn
+from .unlearn import allowed_drop, unlearn
 from .validate import check_device, check_images, check_labels, check_model, check_normalize, probe_classes
 
 Normalize = tuple[Any, Any] | None
@@ -253,7 +253,8 @@ def erase(
     reference = score_values(torch.tensor([c.trigger_norm for c in clean]), torch.tensor([c.attack_success for c in clean]), side)
 
     current, history, first, evidence, rolled_back = model, [], None, [], 0
-    floor = _accuracy(model, session) - cfg.max_accuracy_drop  # every round answers to the original model
+    # Every round answers to the original model.
+    floor = _accuracy(model, session) - allowed_drop(cfg, len(session.val[1]))
     with session.running():
         for round_ in range(1, _MAX_ERASE_ROUNDS + 1):
             outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,

@@ -45,6 +45,13 @@ class UnlearnOutcome:
     rolled_back: int = 0  # steps undone because they produced NaN/inf
 
 
+def allowed_drop(config: Config, val_size: int) -> float:
+    """Validation-accuracy loss the guard tolerates: ``max_accuracy_drop``, but never less than one
+    validation image, which a split of a few dozen images cannot resolve (the guard would then
+    refuse every checkpoint). The share of clean images broken bounds the drop on top of it."""
+    return max(config.max_accuracy_drop, 1.0 / max(val_size, 1))
+
+
 def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 256) -> torch.Tensor:
     out = []
     for start in range(0, len(images), batch_size):
@@ -119,7 +126,7 @@ def unlearn(
 
     first = score(0)
     history = [first]
-    floor = first["clean_accuracy"] - config.max_accuracy_drop if accuracy_floor is None else accuracy_floor
+    floor = first["clean_accuracy"] - allowed_drop(config, len(y_val)) if accuracy_floor is None else accuracy_floor
     best_state, best = copy.deepcopy(repaired.state_dict()), first
     steps_per_epoch = max(1, math.ceil(len(y_fit) / config.unlearn_batch_size))
     total = config.unlearn_epochs * steps_per_epoch
