@@ -26,6 +26,7 @@ from .validate import check_device, check_images, check_labels, check_model, che
 
 Normalize = tuple[Any, Any] | None
 _MAX_ERASE_ROUNDS = 3  # unlearn -> re-scan rounds before an erase is reported unverified
+_CONFIRMATIONS = 2  # independent re-recoveries that must each reproduce a flag
 
 
 class _Session:
@@ -156,17 +157,21 @@ def scan(
         triggers, success, norms = _scan_recover(session, model, targets)
     side = _side(cfg.family)
     index, flagged = flag_classes(norms, success, cfg.anomaly_threshold, cfg.min_attack_success, side)
-    confirmation = torch.full_like(index, float("nan"))
+    confirmation = torch.full_like(index, float("nan"))  # fmin ignores the NaN of "not re-checked"
     if flagged.any() and (~flagged).sum() >= 2:
-        # One lucky small mask is not evidence: an independently seeded recovery of each suspect
-        # must find an outlier again, judged against the classes that were not flagged.
-        suspects = torch.nonzero(flagged).flatten()
+        # One lucky small mask is not evidence: independently seeded recoveries of each suspect
+        # must all find an outlier again, judged against the classes that were not flagged.
         reference = score_values(norms[~flagged], success[~flagged], side)
-        with session.running(seed_offset=1):
-            _, evidence, found = session.find_backdoors(model, [targets[i] for i in suspects.tolist()], reference,
-                                                        side, "baerase confirm")
-        confirmation[suspects] = torch.tensor([e["anomaly_index"] for e in evidence])
-        flagged[suspects] = found
+        for offset in range(1, _CONFIRMATIONS + 1):
+            suspects = torch.nonzero(flagged).flatten()
+            if len(suspects) == 0:
+                break
+            with session.running(seed_offset=offset):
+                _, evidence, found = session.find_backdoors(model, [targets[i] for i in suspects.tolist()],
+                                                            reference, side, "baerase confirm")
+            found_index = torch.tensor([e["anomaly_index"] for e in evidence])
+            confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
+            flagged[suspects] = found
     classes = [
         ClassResult(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a), flagged=bool(f),
                     confirmation_index=None if math.isnan(c) else float(c))

@@ -29,7 +29,7 @@ class ClassResult:
     trigger_norm: float  # L1 mass of the recovered mask (pixels), or the patch area
     anomaly_index: float  # MAD anomaly index of the trigger (higher = more suspicious)
     flagged: bool
-    confirmation_index: float | None = None  # anomaly index of an independent re-recovery (suspects only)
+    confirmation_index: float | None = None  # lowest anomaly index over independent re-recoveries (suspects)
 
 
 @dataclass
