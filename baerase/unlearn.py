@@ -29,6 +29,7 @@ _EVAL_EVERY = 10  # optimisation steps between guard evaluations
 # Evaluations that must also pass after the recovered triggers first stop working: one clean
 # evaluation on a small validation split does not prove the real trigger is gone.
 _MARGIN_EVALS = 2
+_MIN_STEPS = 200  # a small clean set still gets enough steps to back off and retry at a lower lr
 
 
 @dataclass
@@ -129,7 +130,8 @@ def unlearn(
     floor = first["clean_accuracy"] - allowed_drop(config, len(y_val)) if accuracy_floor is None else accuracy_floor
     best_state, best = copy.deepcopy(repaired.state_dict()), first
     steps_per_epoch = max(1, math.ceil(len(y_fit) / config.unlearn_batch_size))
-    total = config.unlearn_epochs * steps_per_epoch
+    total = max(config.unlearn_epochs * steps_per_epoch, _MIN_STEPS)
+    lr = config.unlearn_lr
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     rolled_back, step, erased_evals = 0, 0, 0
     h, w = x_fit.shape[-2:]
@@ -167,7 +169,8 @@ def unlearn(
                 with torch.no_grad():
                     for p, s in zip(repaired.parameters(), snapshot):
                         p.copy_(s)
-                optimizer = torch.optim.SGD(repaired.parameters(), lr=config.unlearn_lr / 2, momentum=0.9)
+                lr /= 2
+                optimizer = torch.optim.SGD(repaired.parameters(), lr=lr, momentum=0.9)
                 rolled_back += 1
             if step % _EVAL_EVERY == 0 or step == total:
                 row = score(step)
@@ -179,6 +182,12 @@ def unlearn(
                     best["trigger_asr"], -best["clean_accuracy"]
                 ):
                     best, best_state = row, copy.deepcopy(repaired.state_dict())
+                if not allowed:
+                    # Too large a step for this model: go back to the best checkpoint, halve the lr.
+                    repaired.load_state_dict(best_state)
+                    lr /= 2
+                    optimizer = torch.optim.SGD(repaired.parameters(), lr=lr, momentum=0.9)
+                    row["backtracked_to_lr"] = lr
                 erased_evals += erased
                 if erased_evals > _MARGIN_EVALS or step >= total:
                     break

@@ -23,7 +23,7 @@ def mnist():
 def backdoored(mnist):
     (x, y), _, _ = mnist
     trigger = BadNets(size=3, position="random", seed=1)
-    model = train_backdoored(SmallCNN(1, 10, 28), x, y, trigger, target=3, rate=0.1, epochs=6, seed=0)
+    model = train_backdoored(SmallCNN(1, 10, 28), x, y, trigger, target=3, rate=0.2, epochs=10, seed=0)
     return model, trigger
 
 
