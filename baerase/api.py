@@ -92,7 +92,7 @@ class _Session:
         anomaly values). Returns (triggers, per-class evidence, found bool [len(targets)])."""
         cfg = self.config
         triggers, success = self.recover(model, targets, desc)
-        norms = triggers.norms()
+        norms, success = triggers.norms().cpu(), success.cpu()
         index = anomaly_index(score_values(norms, success, side), side, reference=reference)
         found = (index > cfg.anomaly_threshold) & (success >= cfg.min_attack_success)
         evidence = [dict(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a),
@@ -208,9 +208,11 @@ def _scan_recover(session: _Session, model: nn.Module, targets: list[int]):
         with _progress(total, "baerase scan", cfg.progress and rank == 0) as bar:
             triggers, success = recover_scored(model, session.fit, session.val, mine, cfg, session.mean,
                                                session.std, on_step=bar.update, store=store)
-    if not sharded:
-        return triggers, success, triggers.norms()
-    return distributed.gather(chunks, mine, triggers, success, session.device)
+    if sharded:
+        triggers, success, norms = distributed.gather(chunks, mine, triggers, success, session.device)
+    else:
+        norms = triggers.norms()
+    return triggers, success.cpu(), norms.cpu()  # per-class verdicts are reported from the CPU
 
 
 def _check_targets(classes, k: int) -> list[int]:

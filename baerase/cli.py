@@ -93,6 +93,8 @@ def _load_inputs(args):
 
     _check_out(args)
     model = load_model(args.model, args.arch, trust_pickle=args.trust_pickle, **_parse_kwargs(args.arch_arg))
+    if args.device is not None:
+        model = model.to(args.device)  # a loaded model is our own copy; the file is untouched
     images, labels = load_dataset(args.data)
     return model, images, labels, _parse_normalize(args.normalize)
 
