@@ -99,6 +99,11 @@ def backend_for(op: str, device: torch.device | str) -> str:
     return auto if _serves(auto, op, device) else "ref"
 
 
+def backend(device: torch.device | str = "cpu") -> str:
+    """Name of the backend the trigger ops run on for ``device``: ``triton``, ``cpp`` or ``ref``."""
+    return backend_for("trigger_apply", device)
+
+
 def implementation(name: str) -> ModuleType:
     """The module implementing backend ``name`` (``<op>_fwd`` / ``<op>_bwd`` functions)."""
     module = _module(name)

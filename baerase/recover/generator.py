@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .layers import StackedBatchNorm, StackedLinear
 
 
@@ -68,7 +69,8 @@ def mine_estimate(
     mean_exp = log_mean_exp.exp()
     with torch.no_grad():
         fresh = ~torch.isfinite(moving_avg) | (moving_avg <= 0)
-        moving_avg.copy_(torch.where(fresh, mean_exp, (1 - rate) * moving_avg + rate * mean_exp))
+        ops.moving_average_(moving_avg, mean_exp, rate)
+        moving_avg.copy_(torch.where(fresh, mean_exp, moving_avg))  # a class's first value starts it
     bound = t_joint.mean(1) - log_mean_exp
     surrogate = t_joint.mean(1) - mean_exp / moving_avg.detach()
     return surrogate, bound.detach()

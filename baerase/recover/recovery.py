@@ -170,7 +170,8 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
     groups = [{"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.lr}]
     if config.family == "mask":
         groups.append({"params": [triggers.mask_logits], "lr": config.mask_lr})
-    optimizer = torch.optim.Adam(groups, betas=config.betas)
+    # One fused update for all K stacked generators; classes stopped by halving are frozen in it.
+    optimizer = ops.BatchedAdam(groups, betas=config.betas)
 
     k, b = len(triggers), config.batch_size
     area = images.shape[-1] * images.shape[-2]
@@ -182,13 +183,12 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
     halve_at = config.steps // 3 if config.halving and config.family == "mask" else -1
     active = torch.ones(k, dtype=torch.bool, device=device)
     peak = torch.zeros(k, device=device)
-    stopped, frozen_state = None, None
+    halved = False
     for step in range(config.steps):
         if step == halve_at and k > 1:
             stopped = _hopeless(peak, triggers.norms().detach(), config.success_threshold)
             if stopped.any():
-                frozen_state = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
-                active = ~stopped
+                active, halved = ~stopped, True
                 log.info("halving: %d of %d candidate classes stop early", int(stopped.sum()), k)
         batch = torch.randint(0, len(labels), (b,), device=device)
         x, y = images[batch], labels[batch]
@@ -198,7 +198,7 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
 
         z, g = triggers.sample(b, config.noise_std)
         stamped = triggers.stamp(x, g, mean, std).flatten(0, 1)
-        if frozen_state is None:
+        if not halved:
             logits, rows = model(stamped), target_rows
         else:
             keep = active.repeat_interleave(b)
@@ -223,16 +223,14 @@ def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -
                 _keep_where(best, triggers.state_dict(), improved)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        optimizer.step(active=active if halved else None)
         if on_step is not None:
             on_step(k)
 
     if config.family == "mask":
-        # Classes that never reached the success threshold keep their last state.
+        # Classes that never reached the success threshold keep their last state; for a class that
+        # halving stopped (it never came near the threshold) that is its state when it stopped.
         _keep_where(best, triggers.state_dict(), ~tracker.found_any)
-        if frozen_state is not None:
-            # A stopped class still drew entropy gradients; its evidence is its state when it stopped.
-            _keep_where(best, frozen_state, stopped)
         triggers.load_state_dict(best)
     return triggers
 
