@@ -27,8 +27,6 @@ def backdoored(mnist):
     return model, trigger
 
 
-@pytest.mark.xfail(reason="known: on this backdoored model the accuracy guard can refuse every unlearning "
-                          "checkpoint, so the erase is reported unverified", strict=False)
 def test_scan_flags_target_and_erase_removes_backdoor(mnist, backdoored, tmp_path):
     (_, _), (xc, yc), (xt, yt) = mnist
     model, trigger = backdoored
