@@ -31,7 +31,9 @@ _EVAL_EVERY = 10  # optimisation steps between guard evaluations
 # Evaluations that must also pass after the recovered triggers first stop working: one clean
 # evaluation on a small validation split does not prove the real trigger is gone.
 _MARGIN_EVALS = 2
-_MIN_STEPS = 200  # a small clean set still gets enough steps to back off and retry at a lower lr
+# A small clean set still gets enough steps to back off and retry at a lower lr, and an early
+# erasure keeps unlearning this long: the real trigger lags the recovered ones.
+_MIN_STEPS = 200
 _MIN_LR_SHARE = 1 / 16  # backing off never takes the lr below this share of unlearn_lr: it would stall
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
 _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
@@ -142,11 +144,15 @@ def unlearn(
     lr = config.unlearn_lr
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     rolled_back, step, erased_evals = 0, 0, 0
+
+    def done() -> bool:  # erased for the margin, and unlearned for at least the minimum budget
+        return step >= total or (erased_evals > _MARGIN_EVALS and step >= _MIN_STEPS)
+
     h, w = x_fit.shape[-2:]
     # The ascent lowers each target's logit on every input: clean images of the targets themselves,
     # added to every batch, hold those classes in place.
     target_pool = torch.nonzero(torch.isin(y_fit, triggers.targets.to(y_fit.device))).flatten()
-    while step < total and erased_evals <= _MARGIN_EVALS:
+    while not done():
         order = torch.randperm(len(y_fit), generator=generator).to(x_fit.device)
         for batch in order.split(config.unlearn_batch_size):
             x, y = x_fit[batch], y_fit[batch]
@@ -211,7 +217,7 @@ def unlearn(
                     optimizer = torch.optim.SGD(repaired.parameters(), lr=lr, momentum=0.9)
                     row["backtracked_to_lr"] = lr
                 erased_evals += erased
-                if erased_evals > _MARGIN_EVALS or step >= total:
+                if done():
                     break
     repaired.load_state_dict(best_state)
     for p in repaired.parameters():
