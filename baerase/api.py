@@ -15,7 +15,7 @@ from torch import nn
 from . import __version__, ops
 from .config import Config
 from .data import as_tensors, split
-from .detect import anomaly_index, flag_classes, score_values
+from .detect import anomaly_index, flag_classes, is_backdoor, score_values
 from .errors import InputError
 from .recover import TriggerSet, attack_success, frozen, recover
 from .recover.checkpoint import ChunkStore
@@ -93,8 +93,10 @@ class _Session:
         cfg = self.config
         triggers, success = self.recover(model, targets, desc)
         norms, success = triggers.norms().cpu(), success.cpu()
-        index = anomaly_index(score_values(norms, success, side), side, reference=reference)
-        found = (index > cfg.anomaly_threshold) & (success >= cfg.min_attack_success)
+        values = score_values(norms, success, side)
+        index = anomaly_index(values, side, reference=reference)
+        found = is_backdoor(index, values, success, cfg.anomaly_threshold, cfg.min_attack_success, side,
+                            cfg.min_trigger_shrink, reference)
         evidence = [dict(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a),
                          backdoor_found=bool(f))
                     for t, s, n, a, f in zip(targets, success.tolist(), norms.tolist(), index.tolist(), found.tolist())]
@@ -156,7 +158,8 @@ def scan(
         backend = ops.backend_for("trigger_apply", session.device)
         triggers, success, norms = _scan_recover(session, model, targets)
     side = _side(cfg.family)
-    index, flagged = flag_classes(norms, success, cfg.anomaly_threshold, cfg.min_attack_success, side)
+    index, flagged = flag_classes(norms, success, cfg.anomaly_threshold, cfg.min_attack_success, side,
+                                  cfg.min_trigger_shrink)
     confirmation = torch.full_like(index, float("nan"))  # fmin ignores the NaN of "not re-checked"
     if flagged.any() and (~flagged).sum() >= 2:
         # One lucky small mask is not evidence: independently seeded recoveries of each suspect

@@ -42,6 +42,10 @@ class Config:
     # Detection.
     anomaly_threshold: float = 2.0  # MAD anomaly index above which a class is flagged
     min_attack_success: float = 0.5  # a flagged class's recovered trigger must flip this share
+    # Mask family: a flagged class's trigger is also this many times smaller than the median class's.
+    # Backdoor triggers are 10-20x smaller; an easy-to-reach clean class can be 2-3x smaller and still
+    # sit past the threshold when the other classes' masses cluster tightly.
+    min_trigger_shrink: float = 4.0
     eval_samples: int = 256  # held-out images used to score each class
 
     # Unlearning.
@@ -95,6 +99,8 @@ class Config:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1 or None, got {self.chunk_size!r}")
+        if not self.min_trigger_shrink >= 1:
+            raise ConfigError(f"min_trigger_shrink must be >= 1, got {self.min_trigger_shrink!r}")
         if self.backend not in (None, "auto", "triton", "cpp", "ref"):
             raise ConfigError(f"backend must be 'triton', 'cpp', 'ref' or None, got {self.backend!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -92,3 +92,14 @@ def test_trigger_set_select_concat_roundtrip():
     joined = TriggerSet.concat([picked, triggers.select([1])])
     assert joined.targets.tolist() == [7, 2, 5]
     assert torch.equal(joined.generator.linears[3].weight[2], triggers.generator.linears[3].weight[1])
+
+
+def test_flag_needs_a_trigger_several_times_smaller_than_the_median():
+    # Tightly clustered clean masses make a merely easy class (2.5x smaller) an index outlier; only
+    # the backdoor's trigger (20x smaller) is also far enough below the median.
+    norms = torch.tensor([2.0, 16.0, 38.0, 40.0, 41.0, 40.5, 39.0, 42.0])
+    success = torch.full((8,), 0.9)
+    index, flagged = flag_classes(norms, success, 2.0, 0.5)
+    assert flagged[:2].tolist() == [True, True] and index[1] > 2.0
+    _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=4.0)
+    assert flagged.nonzero().flatten().tolist() == [0]
