@@ -159,11 +159,12 @@ def unlearn(
             if len(y) < 2:
                 continue
             shift = None
-            if step % 2 == 1:  # every other step: the trigger moved to a random place
+            if step % 2 == 1:  # every other step: the trigger moved to a random place and grown by a pixel
                 shift = (int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator)))
             with torch.no_grad():
                 _, g = triggers.sample(len(y))
-                stamped = triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1)
+                stamped = triggers.stamp(x, g, mean, std, shift=shift, spread=int(shift is not None))
+                stamped = stamped.flatten(0, 1)
             held = batch
             if len(target_pool):
                 extra = torch.randint(len(target_pool), (max(1, len(batch) // 2),), generator=generator)

@@ -103,3 +103,16 @@ def test_flag_needs_a_trigger_several_times_smaller_than_the_median():
     assert flagged[:2].tolist() == [True, True] and index[1] > 2.0
     _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=4.0)
     assert flagged.nonzero().flatten().tolist() == [0]
+
+
+def test_stamp_shift_and_spread_move_and_grow_the_mask():
+    triggers = TriggerSet([1], (1, 6, 6), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        triggers.mask_logits.fill_(-30.0)
+        triggers.mask_logits[0, 0, 2, 2] = 30.0  # one pixel
+    x = torch.zeros(2, 1, 6, 6)
+    g = torch.ones(1, 2, 36)  # a white pattern
+    assert triggers.stamp(x, g)[0, 0, 0].gt(0.5).nonzero().tolist() == [[2, 2]]
+    assert triggers.stamp(x, g, shift=(1, 3))[0, 0, 0].gt(0.5).nonzero().tolist() == [[3, 5]]
+    grown = triggers.stamp(x, g, spread=1)[0, 0, 0].gt(0.5)
+    assert grown.sum() == 9 and grown[1:4, 1:4].all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -58,11 +59,12 @@ class TriggerSet(nn.Module):
         return z, g
 
     def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None,
-              shift: tuple[int, int] | None = None) -> torch.Tensor:
+              shift: tuple[int, int] | None = None, spread: int = 0) -> torch.Tensor:
         """Apply each class's triggers g [K, B, D] to x [B, C, H, W] -> normalised [K, B, C, H, W].
 
-        ``shift`` (rows, cols) moves a mask-family trigger cyclically, so that unlearning also
-        covers a trigger the attacker may place anywhere.
+        ``shift`` (rows, cols) moves a mask-family trigger cyclically and ``spread`` grows its
+        mask by that many pixels on each side, so that unlearning also covers a trigger the
+        attacker may place anywhere, of which recovery found only the few pixels that suffice.
         """
         k, b = g.shape[:2]
         c, h, w = x.shape[1:]
@@ -70,6 +72,9 @@ class TriggerSet(nn.Module):
             mask, pattern = self.mask_logits, g.view(k, b, c, h, w)
             if shift is not None:
                 mask, pattern = mask.roll(shift, (-2, -1)), pattern.roll(shift, (-2, -1))
+            if spread:
+                grown = F.max_pool2d(torch.sigmoid(mask), 2 * spread + 1, 1, spread).clamp(1e-6, 1 - 1e-6)
+                mask = torch.logit(grown)
             return ops.trigger_apply(x, mask, pattern, mean, std)
         p = self.meta["patch_size"]
         rows = torch.randint(0, h - p + 1, (k, b), device=x.device)
