@@ -127,11 +127,12 @@ def unlearn(
         # Trigger success counts only images the model now gets right: a clean image it already
         # sends to the target proves nothing about the trigger, and would keep the rate above 0.
         judged = right_val if right_val.sum() >= 2 else torch.ones_like(right_val)
+        success = attack_success(triggers, repaired, x_val[judged], y_val[judged], mean, std)
         return {
             "step": step,
             "clean_accuracy": right_val.float().mean().item(),
             "broken": (right_before & wrong_now).float().mean().item(),
-            "trigger_asr": attack_success(triggers, repaired, x_val[judged], y_val[judged], mean, std).max().item(),
+            "trigger_asr": success.max().item(),
         }
 
     first = score(0)
@@ -169,11 +170,13 @@ def unlearn(
             if len(target_pool):
                 extra = torch.randint(len(target_pool), (max(1, len(batch) // 2),), generator=generator)
                 held = torch.cat([batch, target_pool[extra.to(target_pool.device)]])
-            clean_x = x_fit[held] if mean is None else (x_fit[held] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            clean_x = x_fit[held]
+            if mean is not None:
+                clean_x = (clean_x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
             logits = repaired(torch.cat([clean_x, stamped]))
             clean_logp = F.log_softmax(logits[: len(held)], 1)
-            clean_loss = F.nll_loss(clean_logp, y_fit[held]) + F.kl_div(clean_logp, fit_logp[held], log_target=True,
-                                                                         reduction="batchmean")
+            clean_loss = F.nll_loss(clean_logp, y_fit[held]) + F.kl_div(
+                clean_logp, fit_logp[held], log_target=True, reduction="batchmean")
             stamped_logits = logits[len(held):]
             target_rows = triggers.targets.repeat_interleave(len(y))
             _, nll = ops.trigger_loss(stamped_logits, target_rows, 1.0)
