@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .config import Config
+from .ops.reference import normalize_images
 from .recover import TriggerSet, attack_success
 
 _EVAL_EVERY = 10  # optimisation steps between guard evaluations
@@ -65,8 +66,13 @@ def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_s
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
-        out.append(model(x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)))
+        out.append(model(normalize_images(x, mean, std)))
     return torch.cat(out)
+
+
+def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
+    """A fresh optimiser (no momentum carried over from steps that were undone)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
 @torch.no_grad()
@@ -105,7 +111,7 @@ def unlearn(
     for p in triggers.parameters():
         p.requires_grad_(False)
     anchor = [p.detach().clone() for p in repaired.parameters()]
-    optimizer = torch.optim.SGD(repaired.parameters(), lr=config.unlearn_lr, momentum=0.9)
+    optimizer = _sgd(repaired, config.unlearn_lr)
     cap = math.log(2 * (num_classes or 2))
 
     x_fit, y_fit = fit
@@ -170,10 +176,7 @@ def unlearn(
             if len(target_pool):
                 extra = torch.randint(len(target_pool), (max(1, len(batch) // 2),), generator=generator)
                 held = torch.cat([batch, target_pool[extra.to(target_pool.device)]])
-            clean_x = x_fit[held]
-            if mean is not None:
-                clean_x = (clean_x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-            logits = repaired(torch.cat([clean_x, stamped]))
+            logits = repaired(torch.cat([normalize_images(x_fit[held], mean, std), stamped]))
             clean_logp = F.log_softmax(logits[: len(held)], 1)
             clean_loss = F.nll_loss(clean_logp, y_fit[held]) + F.kl_div(
                 clean_logp, fit_logp[held], log_target=True, reduction="batchmean")
@@ -198,7 +201,7 @@ def unlearn(
                     for p, s in zip(repaired.parameters(), snapshot):
                         p.copy_(s)
                 lr /= 2
-                optimizer = torch.optim.SGD(repaired.parameters(), lr=lr, momentum=0.9)
+                optimizer = _sgd(repaired, lr)
                 rolled_back += 1
             if step % _EVAL_EVERY == 0 or step == total:
                 row = score(step)
@@ -218,7 +221,7 @@ def unlearn(
                         or row["broken"] > (1 + _BACKTRACK_SLACK) * config.max_accuracy_drop + _TOLERANCE):
                     repaired.load_state_dict(best_state)
                     lr = max(lr / 2, config.unlearn_lr * _MIN_LR_SHARE)
-                    optimizer = torch.optim.SGD(repaired.parameters(), lr=lr, momentum=0.9)
+                    optimizer = _sgd(repaired, lr)
                     row["backtracked_to_lr"] = lr
                 erased_evals += erased
                 if done():

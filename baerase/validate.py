@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .ops.reference import normalize_images
 
 MIN_IMAGES = 20  # below this the fit/validation split leaves too little to score classes on
 
@@ -107,7 +108,7 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     # worse, score as harmless) deep inside recovery, so try a stamped-looking copy up front.
     x = images[:2]
     x = torch.cat([x, 0.75 * x + 0.25 * (1 - x.flip(-1))])
-    x = x if mean is None else (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+    x = normalize_images(x, mean, std)
     training = model.training
     model.eval()
     try:

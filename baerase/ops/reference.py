@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _normalize(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+def normalize_images(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """(x - mean) / std per channel over the third-last dimension (mean/std [C]); x itself for None."""
     if mean is None:
         return x
     shape = (-1, 1, 1)
@@ -32,7 +33,7 @@ def trigger_apply_ref(
     m = torch.sigmoid(mask_logits.float()).unsqueeze(1)  # [K, 1, 1|C, H, W]
     p = pattern.float() if pattern.dim() == 5 else pattern.float().unsqueeze(1)
     out = x.float().unsqueeze(0) + m * (p - x.float().unsqueeze(0))
-    return _normalize(out, mean, std).to(x.dtype)
+    return normalize_images(out, mean, std).to(x.dtype)
 
 
 def patch_apply_ref(
@@ -58,7 +59,7 @@ def patch_apply_ref(
     flat = ((rows[..., None, None] + dr) * width + cols[..., None, None] + dc).reshape(k, b, 1, h * w)
     out = x.float().unsqueeze(0).expand(k, b, c, height, width).reshape(k, b, c, height * width)
     out = out.scatter(3, flat.expand(k, b, c, h * w), patch.float().reshape(k, b, c, h * w))
-    return _normalize(out.view(k, b, c, height, width), mean, std).to(x.dtype)
+    return normalize_images(out.view(k, b, c, height, width), mean, std).to(x.dtype)
 
 
 def trigger_loss_ref(
