@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #define BAERASE_CHECK_CPU(t) TORCH_CHECK_VALUE((t).device().is_cpu(), #t " must be a CPU tensor")
 #define BAERASE_CHECK_CONTIGUOUS(t) TORCH_CHECK_VALUE((t).is_contiguous(), #t " must be contiguous")
@@ -74,6 +75,25 @@ BAERASE_INLINE float vexp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.33654f ? 0.0f : y * scale;
+}
+
+// Largest of x[0..n): eight running maxima in one vector register where the compiler offers vector
+// types, since a scalar max is a serial chain and GCC vectorises no float max reduction (NaN rules).
+BAERASE_INLINE float block_max(const float* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  typedef float f8 __attribute__((vector_size(32)));
+  f8 lanes = {best, best, best, best, best, best, best, best};
+  for (; i + 8 <= n; i += 8) {
+    f8 v;
+    std::memcpy(&v, x + i, sizeof(v));
+    lanes = v > lanes ? v : lanes;
+  }
+  for (int l = 0; l < 8; ++l) best = std::max(best, lanes[l]);
+#endif
+  for (; i < n; ++i) best = std::max(best, x[i]);
+  return best;
 }
 
 }  // namespace baerase

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 
@@ -41,21 +42,14 @@ BAERASE_INLINE void loss_fwd_row(const T* row, int64_t tr, int64_t N, float b, f
   float mx = kNegInf, sum = 0.0f;
   for (int64_t lo = 0; lo < N; lo += kBlock) {
     const int64_t n = std::min(kBlock, N - lo);
-    // Eight independent running maxima: a single one is a serial max chain that GCC keeps scalar.
-    float lanes[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      for (int l = 0; l < 8; ++l) {
-        buf[i + l] = static_cast<float>(row[lo + i + l]);
-        lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
-      }
+    // fp32 rows are read in place; other dtypes are widened once into the L1 buffer.
+    const float* block = buf;
+    if constexpr (std::is_same_v<T, float>) {
+      block = row + lo;
+    } else {
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[lo + i]);
     }
-    for (; i < n; ++i) {
-      buf[i] = static_cast<float>(row[lo + i]);
-      lanes[0] = buf[i] > lanes[0] ? buf[i] : lanes[0];
-    }
-    float bm = kNegInf;
-    for (float v : lanes) bm = v > bm ? v : bm;
+    const float bm = block_max(block, n);
     if (bm > mx) {
       sum *= vexp(mx - bm);
       mx = bm;
@@ -63,7 +57,7 @@ BAERASE_INLINE void loss_fwd_row(const T* row, int64_t tr, int64_t N, float b, f
     if (mx == kNegInf) continue;  // every logit so far is -inf: nothing to add yet
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += vexp(buf[i] - mx);
+    for (int64_t i = 0; i < n; ++i) s += vexp(block[i] - mx);
     sum += s;
   }
   const float log_sum = std::log(sum);

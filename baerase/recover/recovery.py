@@ -255,11 +255,11 @@ def _keep_where(best: dict, current: dict, rows: torch.Tensor) -> None:
     """Copy ``current`` into ``best`` for the candidate rows selected by bool [K] ``rows``."""
     if not rows.any():
         return
+    index = torch.nonzero(rows).flatten()  # usually a few classes: copy only their rows
     for name, value in current.items():
         if value.dim() == 0 or value.shape[0] != rows.shape[0]:
             continue
-        shape = (-1,) + (1,) * (value.dim() - 1)
-        best[name].copy_(torch.where(rows.view(shape), value.detach(), best[name]))
+        best[name].index_copy_(0, index, value.detach().index_select(0, index))
 
 
 class _MaskCostTracker:
