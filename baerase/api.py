@@ -97,8 +97,8 @@ class _Session:
         index = anomaly_index(values, side, reference=reference)
         found = is_backdoor(index, values, success, cfg.anomaly_threshold, cfg.min_attack_success, side,
                             cfg.min_trigger_shrink, reference)
-        evidence = [dict(target=t, attack_success=float(s), trigger_norm=float(n), anomaly_index=float(a),
-                         backdoor_found=bool(f))
+        evidence = [{"target": t, "attack_success": float(s), "trigger_norm": float(n),
+                     "anomaly_index": float(a), "backdoor_found": bool(f)}
                     for t, s, n, a, f in zip(targets, success.tolist(), norms.tolist(), index.tolist(), found.tolist())]
         return triggers, evidence, found
 

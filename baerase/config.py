@@ -110,9 +110,9 @@ class Config:
     def paper(cls, **overrides) -> Config:
         """The paper's settings: patch triggers, G width 2048, Adam 2e-4, batch 128, 10 epochs
         (about 200 steps on 2,500 images), SGD unlearning at lr 1e-4 with alpha_u = 100."""
-        settings = dict(family="patch", patch_size=3, hidden=2048, lr=2e-4, batch_size=128, steps=200,
-                        alpha=0.1, beta=0.5, unlearn_lr=1e-4, alpha_u=100.0, relabel_weight=0.0, weight_l1=1e-6,
-                        asr_stop=0.0005)
+        settings = {"family": "patch", "patch_size": 3, "hidden": 2048, "lr": 2e-4, "batch_size": 128,
+                    "steps": 200, "alpha": 0.1, "beta": 0.5, "unlearn_lr": 1e-4, "alpha_u": 100.0,
+                    "relabel_weight": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005}
         settings.update(overrides)
         return cls(**settings)
 

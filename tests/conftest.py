@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from baerase.ops import dispatch  # noqa: E402
+from baerase.ops import dispatch
 
 
 def _has(backend: str, device: str) -> bool:

@@ -1,5 +1,4 @@
 """The README's main job: ``baerase demo`` finds and erases the backdoor offline."""
-import pytest
 
 from baerase.cli import main
 

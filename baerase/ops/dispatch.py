@@ -59,7 +59,7 @@ def _module(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
             _loaded[name] = _IMPORTERS[name]()
-        except Exception as exc:  # an optional backend may fail in many ways; keep the reason
+        except Exception as exc:  # noqa: BLE001 - an optional backend may fail in many ways; keep the reason
             _loaded[name] = None
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
             if name == "cpp":

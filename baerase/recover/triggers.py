@@ -30,8 +30,8 @@ class TriggerSet(nn.Module):
     ) -> None:
         super().__init__()
         channels, height, width = image_shape
-        self.meta = dict(image_shape=list(image_shape), family=family, patch_size=patch_size,
-                         latent_dim=latent_dim, hidden=hidden, mine_hidden=mine_hidden)
+        self.meta = {"image_shape": list(image_shape), "family": family, "patch_size": patch_size,
+                     "latent_dim": latent_dim, "hidden": hidden, "mine_hidden": mine_hidden}
         k = len(targets)
         out = channels * height * width if family == "mask" else channels * patch_size * patch_size
         self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
