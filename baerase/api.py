@@ -31,9 +31,12 @@ _CONFIRMATIONS = 2  # independent re-recoveries that must each reproduce a flag
 
 class _Session:
     """Validated inputs shared by scan and erase: data on the model's device, the normalisation,
-    the number of classes and the deterministic fit/validation split."""
+    the number of classes and the deterministic fit/validation split (``guard``: erase's split,
+    ``config.guard_fraction`` held out in full; else the scan's, ``val_fraction`` capped at
+    ``eval_samples``)."""
 
-    def __init__(self, model, images, labels, normalize: Normalize, config: Config | None) -> None:
+    def __init__(self, model, images, labels, normalize: Normalize, config: Config | None,
+                 guard: bool = False) -> None:
         self.config = Config() if config is None else config
         if not isinstance(self.config, Config):
             raise InputError(f"config must be a baerase.Config, got {type(self.config).__name__}")
@@ -46,9 +49,10 @@ class _Session:
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.mean, self.std = check_normalize(normalize, images.shape[1], self.device)
         self.num_classes = probe_classes(self.model, self.images, self.labels, self.mean, self.std)
-        val = self.config.val_fraction
+        val = self.config.guard_fraction if guard else self.config.val_fraction
         (fx, fy), (vx, vy) = split(self.images, self.labels, [1 - val, val], seed=self.config.seed)
-        self.fit, self.val = (fx, fy), (vx[: max(self.config.eval_samples, 1)], vy[: max(self.config.eval_samples, 1)])
+        keep = len(vy) if guard else self.config.eval_samples
+        self.fit, self.val = (fx, fy), (vx[:keep], vy[:keep])
 
     @contextmanager
     def running(self, seed_offset: int = 0) -> Iterator[None]:
@@ -243,7 +247,7 @@ def erase(
     start = time.perf_counter()
     if not isinstance(report, ScanReport):
         raise InputError(f"report must be the ScanReport returned by baerase.scan, got {type(report).__name__}")
-    session = _Session(model, images, labels, normalize, config)
+    session = _Session(model, images, labels, normalize, config, guard=True)
     cfg = session.config
     if report.num_classes != session.num_classes:
         raise InputError(f"the report is for a {report.num_classes}-class model but this model has {session.num_classes}")

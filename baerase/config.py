@@ -57,7 +57,11 @@ class Config:
     weight_l1: float = 1e-6  # lambda of ||theta - theta_0||_1
     max_accuracy_drop: float = 0.01  # never return a model that lost more clean accuracy
     asr_stop: float = 0.005  # stop once fresh recovered triggers flip less than this share
-    val_fraction: float = 0.2  # share of the clean data held out for scoring and the guard
+    val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
+    # Share of the clean data an erase holds out for its accuracy guard and trigger checks. Half: on a
+    # few hundred images one point is a handful of images, and a smaller split turns the noise of
+    # which images flip into refused checkpoints.
+    guard_fraction: float = 0.5
 
     # Run.
     seed: int = 0
@@ -95,8 +99,9 @@ class Config:
         for name in ("max_accuracy_drop", "asr_stop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        for name in ("val_fraction", "guard_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1 or None, got {self.chunk_size!r}")
         if not self.min_trigger_shrink >= 1:

@@ -34,7 +34,7 @@ _EVAL_EVERY = 10  # optimisation steps between guard evaluations
 _MARGIN_EVALS = 2
 # A small clean set still gets enough steps to back off and retry at a lower lr, and an early
 # erasure keeps unlearning this long: the real trigger lags the recovered ones.
-_MIN_STEPS = 200
+_MIN_STEPS = 400
 _MIN_LR_SHARE = 1 / 16  # backing off never takes the lr below this share of unlearn_lr: it would stall
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
 _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course

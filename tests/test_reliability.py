@@ -106,6 +106,7 @@ BAD_INPUTS = {
     "normalize std 0": (lambda: _scan(normalize=(0.5, 0.0)), "std values must be > 0"),
     "normalize not numbers": (lambda: _scan(normalize=("a", "b")), "normalize must be (mean, std)"),
     "config.classes out of range": (lambda: _scan(config=CFG.replace(classes=(9,))), "config.classes"),
+    "config.guard_fraction 1": (lambda: CFG.replace(guard_fraction=1.0), "guard_fraction must be in (0, 1)"),
 }
 
 
@@ -115,6 +116,17 @@ def test_bad_input_raises_a_baerase_error_naming_it(case):
     with pytest.raises(baerase.BaeraseError) as info:
         call()
     assert words in str(info.value), str(info.value)
+
+
+def test_erase_guards_on_its_whole_guard_split_and_scan_scores_on_at_most_eval_samples():
+    from baerase.api import _Session
+
+    config = CFG.replace(eval_samples=8)
+    scan_side = _Session(TinyNet(), X, Y, None, config)
+    erase_side = _Session(TinyNet(), X, Y, None, config, guard=True)
+    assert len(scan_side.val[1]) == 8
+    assert len(erase_side.fit[1]) + len(erase_side.val[1]) == len(Y)
+    assert abs(len(erase_side.val[1]) - config.guard_fraction * len(Y)) <= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU build of torch: no second device")
