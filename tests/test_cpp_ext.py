@@ -11,6 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cpp
+from fastpath import (
+    apply_inputs,
+    apply_native,
+    assert_as_good_as_torch,
+    assert_close,
+    grads,
+    leaf,
+    loss_grads,
+    stats,
+)
 
 from baerase.errors import InputError
 from baerase.ops import (
@@ -37,51 +47,6 @@ BF16 = torch.bfloat16
 APPLY_SHAPES = [(1, 1, 1, 1, 1), (2, 1, 3, 5, 7), (3, 4, 1, 6, 5), (2, 3, 3, 23, 29)]
 
 
-def assert_close(name, actual, expected, atol, rtol):
-    """allclose with a message listing the first mismatching elements."""
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    actual, expected = actual.detach().float(), expected.detach().float()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        rows = "\n".join(
-            f"  {i}: got {actual[tuple(i)].item():.7g}, want {expected[tuple(i)].item():.7g}" for i in idx
-        )
-        diff = (actual - expected).abs().max().item()
-        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (max abs diff {diff:.3g})\n{rows}")
-
-
-def assert_as_good_as_torch(name, kernel, native, oracle):
-    """Low precision: the kernel may not be much worse than torch computing in that dtype."""
-    oracle = oracle.detach().float()
-    err_kernel = (kernel.detach().float() - oracle).abs().max().item()
-    err_torch = (native.detach().float() - oracle).abs().max().item()
-    floor = oracle.abs().max().item() * torch.finfo(kernel.dtype).eps
-    assert err_kernel <= 2 * err_torch + floor, (
-        f"{name}: kernel error {err_kernel:.3g} vs torch {err_torch:.3g}"
-    )
-
-
-def grads(out, inputs, grad_out):
-    return torch.autograd.grad(out, inputs, grad_out)
-
-
-def leaf(t, dtype=None):
-    return t.to(dtype or t.dtype).detach().requires_grad_(True)
-
-
-def stats(c):
-    return torch.rand(c) * 0.5, torch.rand(c) + 0.2
-
-
-def apply_inputs(shape, mask_channels, per_sample, dtype=torch.float32):
-    k, b, c, h, w = shape
-    x = torch.rand(b, c, h, w).to(dtype)
-    m = leaf(torch.randn(k, 1 if mask_channels == 1 else c, h, w) * 2, dtype)
-    p = leaf(torch.rand((k, b, c, h, w) if per_sample else (k, c, h, w)), dtype)
-    return x, m, p
-
-
 # --- trigger_apply --------------------------------------------------------------------------------
 
 
@@ -106,13 +71,6 @@ def test_trigger_apply_fp32(shape, mask_channels, per_sample, normalize):
     assert_close("grad_pattern", got_p, want_p, atol * shape[1], rtol)
 
 
-def _apply_native(x, m, p, mean, std):
-    """The reference formula evaluated entirely in the inputs' dtype: torch's own rounding."""
-    p = p if p.dim() == 5 else p.unsqueeze(1)
-    out = x.unsqueeze(0) + torch.sigmoid(m).unsqueeze(1) * (p - x.unsqueeze(0))
-    return (out - mean.to(x.dtype).view(-1, 1, 1)) / std.to(x.dtype).view(-1, 1, 1)
-
-
 @requires_cpp
 @pytest.mark.parametrize("mask_channels", [1, "C"])
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -123,7 +81,7 @@ def test_trigger_apply_bf16(mask_channels, per_sample):
     m32, p32 = leaf(m, torch.float32), leaf(p, torch.float32)
     oracle = trigger_apply_ref(x.float(), m32, p32, mean, std)
     grad_out = torch.randn_like(oracle).to(BF16)
-    native = _apply_native(x, m, p, mean, std)
+    native = apply_native(x, m, p, mean, std)
     with use_backend("cpp"):
         out = trigger_apply(x, m, p, mean, std)
     assert out.dtype == BF16
@@ -202,10 +160,6 @@ def test_patch_apply_bf16():
 
 
 # --- trigger_loss ----------------------------------------------------------------------------------
-
-
-def loss_grads(hinge, nll, logits, grad_hinge, grad_nll):
-    return torch.autograd.grad((hinge * grad_hinge + nll * grad_nll).sum(), logits)[0]
 
 
 @requires_cpp

@@ -8,10 +8,14 @@ against an fp32 reference on the same (exactly representable) inputs.
 
 from __future__ import annotations
 
+import functools
+
+import fastpath
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA, requires_triton
+from fastpath import apply_native, assert_as_good_as_torch, assert_close, grads, loss_grads
 
 from baerase.errors import InputError
 from baerase.ops import patch_apply, trigger_apply, trigger_loss, use_backend
@@ -22,60 +26,16 @@ pytestmark = requires_triton
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FP32 = (torch.float32, 2e-6, 1e-5)  # (dtype, atol, rtol)
 LOW = [torch.bfloat16, torch.float16]
+# Inputs on the kernels' device.
+leaf = functools.partial(fastpath.leaf, device=DEVICE)
+stats = functools.partial(fastpath.stats, device=DEVICE)
+apply_inputs = functools.partial(fastpath.apply_inputs, device=DEVICE)
 
 # (K, B, C, H, W): batch 1, single channel, non-power-of-two planes, a plane over one 128-wide block.
 APPLY_SHAPES = [(1, 1, 1, 1, 1), (2, 1, 3, 5, 7), (3, 4, 1, 6, 5), (2, 3, 3, 13, 11)]
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
-    """allclose with a message listing the first mismatching elements."""
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        rows = "\n".join(
-            f"  {i}: got {actual[tuple(i)].item():.7g}, want {expected[tuple(i)].item():.7g}" for i in idx
-        )
-        diff = (actual - expected).abs().max().item()
-        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (max abs diff {diff:.3g})\n{rows}")
-
-
-def assert_as_good_as_torch(
-    name: str, kernel: torch.Tensor, native: torch.Tensor, oracle: torch.Tensor
-) -> None:
-    """Low precision: the kernel may not be much worse than torch computing in that dtype."""
-    oracle = oracle.detach().float().cpu()
-    err_kernel = (kernel.detach().float().cpu() - oracle).abs().max().item()
-    err_torch = (native.detach().float().cpu() - oracle).abs().max().item()
-    # One rounding of the largest value in the kernel's output dtype is always allowed.
-    floor = oracle.abs().max().item() * torch.finfo(kernel.dtype).eps
-    assert err_kernel <= 2 * err_torch + floor, (
-        f"{name}: kernel error {err_kernel:.3g} vs torch {err_torch:.3g}"
-    )
-
-
-def grads(out, inputs, grad_out):
-    return torch.autograd.grad(out, inputs, grad_out)
-
-
-def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    return t.to(DEVICE, dtype or t.dtype).detach().requires_grad_(True)
-
-
-def stats(c: int):
-    return torch.rand(c, device=DEVICE) * 0.5, torch.rand(c, device=DEVICE) + 0.2
-
-
 # --- trigger_apply --------------------------------------------------------------------------------
-
-
-def apply_inputs(shape, mask_channels, per_sample, dtype=torch.float32):
-    k, b, c, h, w = shape
-    x = torch.rand(b, c, h, w).to(DEVICE, dtype)
-    m = leaf(torch.randn(k, 1 if mask_channels == 1 else c, h, w) * 2, dtype)
-    p = leaf(torch.rand((k, b, c, h, w) if per_sample else (k, c, h, w)), dtype)
-    return x, m, p
 
 
 @pytest.mark.parametrize("shape", APPLY_SHAPES)
@@ -97,13 +57,6 @@ def test_trigger_apply_fp32(shape, mask_channels, per_sample, normalize):
     assert_close("grad_pattern", got_p, want_p, atol * shape[1], rtol)
 
 
-def _apply_native(x, m, p, mean, std):
-    """The reference formula evaluated entirely in the inputs' dtype: torch's own rounding."""
-    p = p if p.dim() == 5 else p.unsqueeze(1)
-    out = x.unsqueeze(0) + torch.sigmoid(m).unsqueeze(1) * (p - x.unsqueeze(0))
-    return (out - mean.to(x.dtype).view(-1, 1, 1)) / std.to(x.dtype).view(-1, 1, 1)
-
-
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("mask_channels", [1, "C"])
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -114,7 +67,7 @@ def test_trigger_apply_low_precision(dtype, mask_channels, per_sample):
     m32, p32 = leaf(m, torch.float32), leaf(p, torch.float32)
     oracle = trigger_apply_ref(x.float(), m32, p32, mean, std)
     grad_out = torch.randn_like(oracle).to(dtype)
-    native = _apply_native(x, m, p, mean, std)
+    native = apply_native(x, m, p, mean, std)
     with use_backend("triton"):
         out = trigger_apply(x, m, p, mean, std)
     assert out.dtype == dtype
@@ -188,10 +141,6 @@ def test_patch_apply_low_precision(dtype):
 
 
 # --- trigger_loss ----------------------------------------------------------------------------------
-
-
-def loss_grads(hinge, nll, logits, grad_hinge, grad_nll):
-    return torch.autograd.grad((hinge * grad_hinge + nll * grad_nll).sum(), logits)[0]
 
 
 # (M, Kc): one row, one class, non-power-of-two widths, many short rows packed per tile, and a width
