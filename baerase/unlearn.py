@@ -166,13 +166,11 @@ def unlearn(
             if len(y) < 2:
                 continue
             shift = None
-            if step % 2 == 1:  # every other step: the trigger moved to a random place
+            if step % 2 == 1:  # every other step: the trigger moved to a random place and grown by a pixel
                 shift = (int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator)))
             with torch.no_grad():
                 _, g = triggers.sample(len(y))
-                # Grown by a pixel: recovery keeps only the pixels of a trigger that suffice, and the
-                # real trigger around them must stop working too.
-                stamped = triggers.stamp(x, g, mean, std, shift=shift, spread=1)
+                stamped = triggers.stamp(x, g, mean, std, shift=shift, spread=int(shift is not None))
                 stamped = stamped.flatten(0, 1)
             held = batch
             if len(target_pool):
