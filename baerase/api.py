@@ -241,8 +241,9 @@ def erase(
     """Unlearn every flagged class of ``report`` from a copy of ``model``, then verify by re-scan.
 
     The clean accuracy on a held-out validation split (``config.guard_fraction`` of the clean data)
-    never drops by more than ``config.max_accuracy_drop``. Returns EraseResult with the repaired ``model`` (the input model
-    is never modified), ``history``, ``verified`` and the re-scan ``evidence``.
+    never drops by more than ``config.max_accuracy_drop``. Returns EraseResult with the repaired
+    ``model`` (the input model is never modified), ``history``, ``verified`` and the re-scan
+    ``evidence``.
     """
     start = time.perf_counter()
     if not isinstance(report, ScanReport):
