@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import requires_cpp
 from fastpath import (
     apply_inputs,
-    apply_native,
     assert_as_good_as_torch,
     assert_close,
+    check_trigger_apply,
+    check_trigger_apply_low_precision,
+    check_trigger_loss,
+    check_trigger_loss_extreme_logits,
+    check_trigger_loss_low_precision,
     grads,
     leaf,
-    loss_grads,
     stats,
 )
 
@@ -56,44 +58,16 @@ APPLY_SHAPES = [(1, 1, 1, 1, 1), (2, 1, 3, 5, 7), (3, 4, 1, 6, 5), (2, 3, 3, 23,
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_trigger_apply_fp32(shape, mask_channels, per_sample, normalize):
-    atol, rtol = FP32
-    x, m, p = apply_inputs(shape, mask_channels, per_sample)
-    mean, std = stats(shape[2]) if normalize else (None, None)
-    expected = trigger_apply_ref(x, m, p, mean, std)
-    grad_out = torch.randn_like(expected)
     with use_backend("cpp"):
         assert backend_for("trigger_apply", "cpu") == "cpp"
-        out = trigger_apply(x, m, p, mean, std)
-    assert_close("out", out, expected, atol, rtol)
-    want_m, want_p = grads(expected, (m, p), grad_out)
-    got_m, got_p = grads(out, (m, p), grad_out)
-    assert_close("grad_mask_logits", got_m, want_m, atol * shape[1] * shape[2], rtol)
-    assert_close("grad_pattern", got_p, want_p, atol * shape[1], rtol)
+    check_trigger_apply("cpp", shape, mask_channels, per_sample, normalize, *FP32)
 
 
 @requires_cpp
 @pytest.mark.parametrize("mask_channels", [1, "C"])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_trigger_apply_bf16(mask_channels, per_sample):
-    shape = (2, 3, 3, 6, 5)
-    x, m, p = apply_inputs(shape, mask_channels, per_sample, BF16)
-    mean, std = stats(shape[2])
-    m32, p32 = leaf(m, torch.float32), leaf(p, torch.float32)
-    oracle = trigger_apply_ref(x.float(), m32, p32, mean, std)
-    grad_out = torch.randn_like(oracle).to(BF16)
-    native = apply_native(x, m, p, mean, std)
-    with use_backend("cpp"):
-        out = trigger_apply(x, m, p, mean, std)
-    assert out.dtype == BF16
-    assert_as_good_as_torch("out", out, native, oracle)
-    oracle_grads = grads(oracle, (m32, p32), grad_out.float())
-    native_grads = grads(native, (m, p), grad_out)
-    kernel_grads = grads(out, (m, p), grad_out)
-    for name, got, nat, want in zip(
-        ("grad_mask_logits", "grad_pattern"), kernel_grads, native_grads, oracle_grads
-    ):
-        assert got.dtype == BF16
-        assert_as_good_as_torch(name, got, nat, want)
+    check_trigger_apply_low_precision("cpp", BF16, mask_channels, per_sample)
 
 
 @requires_cpp
@@ -166,60 +140,18 @@ def test_patch_apply_bf16():
 @pytest.mark.parametrize("m,kc", [(1, 1), (1, 10), (7, 13), (67, 10), (130, 100), (3, 1001)])
 @pytest.mark.parametrize("beta", [0.5, 1.0])
 def test_trigger_loss_fp32(m, kc, beta):
-    atol, rtol = FP32
-    logits = leaf(torch.randn(m, kc) * 4)
-    target = torch.randint(0, kc, (m,))
-    if m > 1:  # one confident row so the hinge clips (p_t > beta), the others not
-        with torch.no_grad():
-            logits[0, target[0]] += 30.0
-    grad_hinge, grad_nll = torch.randn(m), torch.randn(m)
-    hinge_ref, nll_ref = trigger_loss_ref(logits, target, beta)
-    with use_backend("cpp"):
-        hinge, nll = trigger_loss(logits, target, beta)
-    assert hinge.dtype == nll.dtype == torch.float32
-    assert_close("hinge", hinge, hinge_ref, atol, rtol)
-    assert_close("nll", nll, nll_ref, 1e-5, rtol)
-    got = loss_grads(hinge, nll, logits, grad_hinge, grad_nll)
-    assert_close("grad_logits", got, loss_grads(hinge_ref, nll_ref, logits, grad_hinge, grad_nll), atol, rtol)
+    check_trigger_loss("cpp", m, kc, beta, *FP32)
 
 
 @requires_cpp
 def test_trigger_loss_extreme_logits():
-    # Logits far outside exp's fp32 range: a naive softmax overflows, the online one must not.
-    logits = leaf(torch.tensor([[1000.0, -1000.0, 0.0], [-1e4, -1e4 + 1, -1e4 - 1], [88.0, 89.0, 90.0]]))
-    target = torch.tensor([1, 0, 2])
-    hinge_ref, nll_ref = trigger_loss_ref(logits, target, 0.9)
-    with use_backend("cpp"):
-        hinge, nll = trigger_loss(logits, target, 0.9)
-    assert torch.isfinite(nll).all()
-    assert_close("hinge", hinge, hinge_ref, 1e-6, 1e-5)
-    assert_close("nll", nll, nll_ref, 1e-4, 1e-5)
-    # The backward recomputes p = exp(z - lse), whose error grows as |lse| * fp32 eps (6e-4 at 1e4).
-    got = torch.autograd.grad(nll.sum() + hinge.sum(), logits)[0]
-    want = torch.autograd.grad(nll_ref.sum() + hinge_ref.sum(), logits)[0]
-    assert_close("grad_logits", got, want, 2e-3, 1e-5)
+    check_trigger_loss_extreme_logits("cpp")
 
 
 @requires_cpp
 @pytest.mark.parametrize("m,kc", [(6, 10), (3, 1001)])
 def test_trigger_loss_bf16(m, kc):
-    logits = leaf(torch.randn(m, kc) * 3, BF16)
-    target = torch.randint(0, kc, (m,))
-    logits32 = leaf(logits, torch.float32)
-    grad_hinge, grad_nll = torch.randn(m), torch.randn(m)
-    hinge_o, nll_o = trigger_loss_ref(logits32, target, 0.5)
-    nll_n = -F.log_softmax(logits, dim=-1).gather(1, target.view(-1, 1)).squeeze(1)
-    hinge_n = torch.clamp(torch.exp(-nll_n), max=0.5)
-    with use_backend("cpp"):
-        hinge, nll = trigger_loss(logits, target, 0.5)
-    assert_as_good_as_torch("hinge", hinge.to(BF16), hinge_n, hinge_o)
-    assert_as_good_as_torch("nll", nll.to(BF16), nll_n, nll_o)
-    got = loss_grads(hinge, nll, logits, grad_hinge, grad_nll)
-    assert got.dtype == BF16
-    native = loss_grads(hinge_n, nll_n, logits, grad_hinge.to(BF16), grad_nll.to(BF16))
-    assert_as_good_as_torch(
-        "grad_logits", got, native, loss_grads(hinge_o, nll_o, logits32, grad_hinge, grad_nll)
-    )
+    check_trigger_loss_low_precision("cpp", BF16, m, kc)
 
 
 @requires_cpp
