@@ -42,7 +42,7 @@ def _parse_kwargs(pairs: list[str]) -> dict:
 def _config(args) -> Config:
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "family", "seed", "backend", "device")
+        for k in ("steps", "family", "seed", "backend", "device", "universal_eps")
         if getattr(args, k, None) is not None
     }
     if getattr(args, "classes", None):
@@ -189,6 +189,10 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")
     p.add_argument("--device", help="torch device (default: the model's)")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--universal-eps", type=float, help="also unlearn a universal perturbation of this L-inf radius "
+        "per flagged class (e.g. 0.1; helps against whole-image blend triggers)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -54,6 +54,11 @@ class Config:
     unlearn_batch_size: int = 64
     alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
     relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
+    # L-inf radius (pixels in [0, 1]) of a universal perturbation toward each flagged class, unlearned
+    # with the recovered triggers (0: off). 0.1 helps against whole-image (blend) triggers, of which
+    # recovery finds only a few pixels, at about 1.7x the unlearning time; off by default because on
+    # random-position patches it has not been shown to help.
+    universal_eps: float = 0.0
     weight_l1: float = 1e-6  # lambda of ||theta - theta_0||_1
     max_accuracy_drop: float = 0.01  # never return a model that lost more clean accuracy
     asr_stop: float = 0.005  # stop once fresh recovered triggers flip less than this share
@@ -96,7 +101,7 @@ class Config:
         for name in ("beta", "success_threshold", "min_attack_success", "mine_ma_rate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("max_accuracy_drop", "asr_stop"):
+        for name in ("max_accuracy_drop", "asr_stop", "universal_eps"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("val_fraction", "guard_fraction"):

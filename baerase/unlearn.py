@@ -3,6 +3,9 @@
 Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged class t:
     L = alpha_u * [CE(f(x), y) + KL(f_0(x) || f(x))] - min(CE(f(x'), t), cap) + r * CE(f(x'), y)
         + lambda * ||theta - theta_0||_1
+With ``universal_eps`` > 0, x' also runs over x + u_t, a universal perturbation per target (L-inf radius ``universal_eps``)
+that takes one signed-gradient step toward t per batch: recovery finds the few pixels that
+suffice, and a whole-image (blend) trigger keeps working through the pixels it left out.
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
@@ -69,6 +72,13 @@ def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_s
         x = images[start:start + batch_size]
         out.append(model(normalize_images(x, mean, std)))
     return torch.cat(out)
+
+
+def _toward_targets(universal: torch.Tensor, nll: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    """One signed-gradient step of the universal perturbations [K, C, H, W] that lowers their
+    targets' cross-entropy ``nll`` (on the rows ``valid`` marks), kept in the L-inf ball ``eps``."""
+    (grad,) = torch.autograd.grad((nll * valid).sum(), universal, retain_graph=True)
+    return (universal - eps / 4 * grad.sign()).clamp(-eps, eps).detach()
 
 
 def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
@@ -160,6 +170,9 @@ def unlearn(
     # The ascent lowers each target's logit on every input: clean images of the targets themselves,
     # added to every batch, hold those classes in place.
     target_pool = torch.nonzero(torch.isin(y_fit, triggers.targets.to(y_fit.device))).flatten()
+    eps = config.universal_eps
+    universal = torch.zeros(k, *x_fit.shape[1:], device=x_fit.device)
+    parts = 2 if eps > 0 else 1  # the recovered triggers' rows, then the universal perturbations'
     while not done():
         order = torch.randperm(len(y_fit), generator=generator).to(x_fit.device)
         for batch in order.split(config.unlearn_batch_size):
@@ -177,16 +190,24 @@ def unlearn(
             if len(target_pool):
                 extra = torch.randint(len(target_pool), (max(1, len(batch) // 2),), generator=generator)
                 held = torch.cat([batch, target_pool[extra.to(target_pool.device)]])
+            if eps > 0:
+                universal.requires_grad_(True)
+                perturbed = (x.unsqueeze(0) + universal.unsqueeze(1)).clamp(0, 1).flatten(0, 1)
+                stamped = torch.cat([stamped, normalize_images(perturbed, mean, std)])
             logits = repaired(torch.cat([normalize_images(x_fit[held], mean, std), stamped]))
             clean_logp = F.log_softmax(logits[: len(held)], 1)
             clean_loss = F.nll_loss(clean_logp, y_fit[held]) + F.kl_div(
                 clean_logp, fit_logp[held], log_target=True, reduction="batchmean")
             stamped_logits = logits[len(held):]
-            target_rows = triggers.targets.repeat_interleave(len(y))
+            target_rows = triggers.targets.repeat_interleave(len(y)).repeat(parts)
             _, nll = ops.trigger_loss(stamped_logits, target_rows, 1.0)
-            valid = (y.repeat(k) != target_rows).float()
-            ascent = (torch.clamp(nll, max=cap) * valid).sum() / valid.sum().clamp(min=1)
-            relabel = F.cross_entropy(stamped_logits, y.repeat(k))
+            valid = (y.repeat(k * parts) != target_rows).float()
+            if eps > 0:
+                universal = _toward_targets(universal, nll[k * len(y):], valid[k * len(y):], eps)
+            # Each part is its own mean: the perturbations add to the triggers' unlearning, not dilute it.
+            ascent = ((nll.clamp(max=cap) * valid).view(parts, -1).sum(1)
+                      / valid.view(parts, -1).sum(1).clamp(min=1)).sum()
+            relabel = F.cross_entropy(stamped_logits, y.repeat(k * parts), reduction="none").view(parts, -1).mean(1).sum()
             drift = sum((p - a).abs().sum() for p, a in zip(repaired.parameters(), anchor))
             loss = config.alpha_u * clean_loss - ascent + config.relabel_weight * relabel + config.weight_l1 * drift
 

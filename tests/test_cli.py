@@ -227,6 +227,7 @@ def test_model_file_without_read_permission(files, capsys):
         (["--arch-arg", "num_classes"], "--arch-arg wants KEY=VALUE"),
         (["--arch-arg", "num_classes=3"], "do not match"),
         (["--steps", "0"], "steps must be a positive integer"),
+        (["--universal-eps", "-1"], "universal_eps must be in [0, 1]"),
         (["--arch", "no_such_module:Net"], "cannot import module"),
         (["--arch", "resnet9000"], "unknown architecture"),
     ],

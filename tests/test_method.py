@@ -116,3 +116,25 @@ def test_stamp_shift_and_spread_move_and_grow_the_mask():
     assert triggers.stamp(x, g, shift=(1, 3))[0, 0, 0].gt(0.5).nonzero().tolist() == [[3, 5]]
     grown = triggers.stamp(x, g, spread=1)[0, 0, 0].gt(0.5)
     assert grown.sum() == 9 and grown[1:4, 1:4].all()
+
+
+def test_universal_perturbation_steps_toward_its_target_inside_the_ball():
+    from baerase.unlearn import _toward_targets
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, target = torch.rand(8, 1, 4, 4), torch.tensor([2])
+    universal = torch.zeros(1, 1, 4, 4)
+
+    def target_nll(u):
+        u = u.detach().requires_grad_(True)
+        logits = model((x.unsqueeze(0) + u.unsqueeze(1)).flatten(0, 1))
+        return torch.nn.functional.cross_entropy(logits, target.repeat(8), reduction="none"), u
+
+    for step in range(6):
+        nll, u = target_nll(universal)
+        before = nll.mean().item()
+        universal = _toward_targets(u, nll, torch.ones(8), eps=0.1)
+        if step < 4:  # four steps of eps/4 reach the edge of the ball, where the clamp holds it
+            assert target_nll(universal)[0].mean().item() < before
+    assert universal.abs().max().item() == pytest.approx(0.1) and not universal.requires_grad

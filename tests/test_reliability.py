@@ -107,6 +107,7 @@ BAD_INPUTS = {
     "normalize not numbers": (lambda: _scan(normalize=("a", "b")), "normalize must be (mean, std)"),
     "config.classes out of range": (lambda: _scan(config=CFG.replace(classes=(9,))), "config.classes"),
     "config.guard_fraction 1": (lambda: CFG.replace(guard_fraction=1.0), "guard_fraction must be in (0, 1)"),
+    "config.universal_eps 2": (lambda: CFG.replace(universal_eps=2.0), "universal_eps must be in [0, 1]"),
 }
 
 
@@ -324,6 +325,26 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
     assert outcome.steps == max(16, unlearn_module._MIN_STEPS)
     assert outcome.rolled_back == outcome.steps // 2
     assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
+
+
+def test_universal_eps_unlearns_a_perturbed_copy_of_every_batch(monkeypatch):
+    m = model()
+    triggers = _scan(m=m).triggers.select([1])
+    real, rows = unlearn_module.ops.trigger_loss, []
+
+    def spy(logits, targets, beta):
+        rows.append(len(targets))
+        return real(logits, targets, beta)
+
+    monkeypatch.setattr(unlearn_module.ops, "trigger_loss", spy)
+    monkeypatch.setattr(unlearn_module, "_MIN_STEPS", 8)
+    fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
+    cfg = CFG.replace(unlearn_epochs=1, unlearn_batch_size=8)
+    for eps, per_batch in ((0.0, 8), (0.1, 16)):  # one trigger row per image, and one perturbed row
+        rows.clear()
+        outcome = unlearn_module.unlearn(m, triggers, fit, val, cfg.replace(universal_eps=eps), num_classes=K)
+        assert rows and set(rows) == {per_batch}
+        assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
 
 
 # ---- determinism and audit trail --------------------------------------------------------------
