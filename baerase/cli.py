@@ -190,8 +190,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: the model's)")
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--universal-eps", type=float, help="also unlearn a universal perturbation of this L-inf radius "
-        "per flagged class (e.g. 0.1; helps against whole-image blend triggers)"
+        "--universal-eps", type=float, help="L-inf radius of the universal perturbation per flagged class "
+        "unlearned with the recovered triggers (default 0.1; 0: off)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -55,10 +55,9 @@ class Config:
     alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
     relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
     # L-inf radius (pixels in [0, 1]) of a universal perturbation toward each flagged class, unlearned
-    # with the recovered triggers (0: off). 0.1 helps against whole-image (blend) triggers, of which
-    # recovery finds only a few pixels, at about 1.7x the unlearning time; off by default because on
-    # random-position patches it has not been shown to help.
-    universal_eps: float = 0.0
+    # with the recovered triggers (0: off): it covers the rest of a whole-image (blend) trigger, of
+    # which recovery finds only a few pixels. Costs about 1.7x the unlearning time.
+    universal_eps: float = 0.1
     weight_l1: float = 1e-6  # lambda of ||theta - theta_0||_1
     max_accuracy_drop: float = 0.01  # never return a model that lost more clean accuracy
     asr_stop: float = 0.005  # stop once fresh recovered triggers flip less than this share
@@ -122,7 +121,7 @@ class Config:
         (about 200 steps on 2,500 images), SGD unlearning at lr 1e-4 with alpha_u = 100."""
         settings = {"family": "patch", "patch_size": 3, "hidden": 2048, "lr": 2e-4, "batch_size": 128,
                     "steps": 200, "alpha": 0.1, "beta": 0.5, "unlearn_lr": 1e-4, "alpha_u": 100.0,
-                    "relabel_weight": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005}
+                    "relabel_weight": 0.0, "universal_eps": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005}
         settings.update(overrides)
         return cls(**settings)
 
