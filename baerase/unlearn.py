@@ -3,9 +3,9 @@
 Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged class t:
     L = alpha_u * [CE(f(x), y) + KL(f_0(x) || f(x))] - min(CE(f(x'), t), cap) + r * CE(f(x'), y)
         + lambda * ||theta - theta_0||_1
-With ``universal_eps`` > 0, x' also runs over x + u_t, a universal perturbation per target (L-inf radius ``universal_eps``)
-that takes one signed-gradient step toward t per batch: recovery finds the few pixels that
-suffice, and a whole-image (blend) trigger keeps working through the pixels it left out.
+With ``universal_eps`` > 0, x' also runs over x + u_t: a universal perturbation per target in
+the L-inf ball of that radius, which takes one signed-gradient step toward t per batch. Recovery
+finds the few pixels that suffice; a whole-image (blend) trigger works through the rest.
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
