@@ -37,7 +37,8 @@ _EVAL_EVERY = 10  # optimisation steps between guard evaluations
 _MARGIN_EVALS = 2
 # A small clean set still gets enough steps to back off and retry at a lower lr, and an early
 # erasure keeps unlearning this long: the real trigger lags the recovered ones (on the demo's
-# Trojan-style model its ASR is 1.7% after 400 steps and 0.2-0.8% after 800, at the same accuracy).
+# Trojan-style model, unlearned without the universal perturbation, its ASR is 1.7% after 400 steps
+# and 0.2-0.8% after 800, at the same accuracy).
 _MIN_STEPS = 800
 _MIN_LR_SHARE = 1 / 16  # backing off never takes the lr below this share of unlearn_lr: it would stall
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
