@@ -1,6 +1,9 @@
 """Whole-scan wall time per backend: the fast ops against the PyTorch reference in one run.
 
     pytest benchmarks/bench_scan.py -s     # prints the speed-up of each backend over ref
+
+``cpp+compile`` is the C++ ops with ``Config(compile=True)`` (the model itself under torch.compile;
+its one-off compile time falls in the warm-up round).
 """
 from __future__ import annotations
 
@@ -18,19 +21,20 @@ CASES = {  # name: (device, model, image shape, classes)
 _times: dict[tuple[str, str], float] = {}
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["ref", "cpp", "cpp+compile", "triton"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_scan(benchmark, case, backend):
     device, make_model, shape, k = CASES[case]
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend} unavailable on {device}")
+    ops_backend, _, compiled = backend.partition("+")
+    if ops_backend not in available_backends(device):
+        pytest.skip(f"backend {ops_backend} unavailable on {device}")
     torch.manual_seed(0)
     model = make_model().to(device).eval()
     images = torch.rand(400, *shape, device=device)
     labels = torch.arange(400, device=device) % k
-    config = baerase.Config(steps=30, backend=backend, progress=False)
+    config = baerase.Config(steps=30, backend=ops_backend, compile=bool(compiled), progress=False)
     benchmark.pedantic(baerase.scan, args=(model, images, labels), kwargs={"config": config}, rounds=3,
                        warmup_rounds=1)
     _times[(case, backend)] = benchmark.stats.stats.median
