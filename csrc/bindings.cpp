@@ -3,6 +3,8 @@
 // torch/extension.h pulls in, which dominates compile time.
 #include <torch/csrc/utils/pybind.h>
 
+#include "simd.h"
+
 namespace baerase {
 at::Tensor trigger_apply_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&);
@@ -35,4 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("active"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"));
   m.def("moving_average_", &baerase::moving_average_, "in-place ma = (1-rate)*ma + rate*value for active classes",
         py::arg("ma"), py::arg("value"), py::arg("rate"), py::arg("active"));
+  m.def("cpu_isa", &baerase::cpu_isa_name, "the SIMD tier the kernels run: avx512, avx2 or baseline");
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "simd.h"
 
 namespace baerase {
 namespace {
@@ -24,9 +25,9 @@ const bool* active_ptr(const c10::optional<at::Tensor>& active, int64_t K) {
   return active->data_ptr<bool>();
 }
 
-BAERASE_INLINE void adam_span_impl(float* __restrict p, float* __restrict m, float* __restrict v,
-                                   const float* __restrict g, int64_t n, float w1, float b2, float w2, float ss,
-                                   float bs, float e) {
+BAERASE_INLINE void adam_span(float* __restrict p, float* __restrict m, float* __restrict v,
+                              const float* __restrict g, int64_t n, float w1, float b2, float w2, float ss, float bs,
+                              float e) {
   for (int64_t j = 0; j < n; ++j) {
     const float mj = m[j] + w1 * (g[j] - m[j]);
     const float vj = v[j] * b2 + w2 * g[j] * g[j];
@@ -34,16 +35,6 @@ BAERASE_INLINE void adam_span_impl(float* __restrict p, float* __restrict m, flo
     v[j] = vj;
     p[j] -= ss * (mj / (std::sqrt(vj) / bs + e));
   }
-}
-
-void adam_span(float* p, float* m, float* v, const float* g, int64_t n, float w1, float b2, float w2, float ss,
-               float bs, float e) {
-  adam_span_impl(p, m, v, g, n, w1, b2, w2, ss, bs, e);
-}
-
-BAERASE_TARGET_AVX2 void adam_span_avx2(float* p, float* m, float* v, const float* g, int64_t n, float w1,
-                                        float b2, float w2, float ss, float bs, float e) {
-  adam_span_impl(p, m, v, g, n, w1, b2, w2, ss, bs, e);
 }
 
 }  // namespace
@@ -90,17 +81,14 @@ void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<
     const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2),
                 w2 = static_cast<float>(1.0 - beta2), e = static_cast<float>(eps);
     const int64_t chunks = (per + kChunk - 1) / kChunk;
-    const bool avx2 = cpu_has_avx2();
     at::parallel_for(0, K * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t k = item / chunks, lo = k * per + (item % chunks) * kChunk;
         if (act && !act[k]) continue;
         const int64_t hi = std::min(lo + kChunk, (k + 1) * per);
-        if (avx2) {
-          adam_span_avx2(pp + lo, mp + lo, vp + lo, gp + lo, hi - lo, w1, b2, w2, step_size[k], bc2_sqrt[k], e);
-        } else {
+        with_best_isa(hi - lo, [&]() BAERASE_LAMBDA_INLINE {
           adam_span(pp + lo, mp + lo, vp + lo, gp + lo, hi - lo, w1, b2, w2, step_size[k], bc2_sqrt[k], e);
-        }
+        });
       }
     });
     // Raw-pointer writes bypass autograd's version counters; bump them as in-place ops would, so

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "simd.h"
 
 namespace baerase {
 namespace {
@@ -94,41 +95,16 @@ BAERASE_INLINE void loss_bwd_row(const T* row, T* out, int64_t tr, int64_t N, fl
 }
 
 template <typename T>
-BAERASE_INLINE void loss_fwd_rows_impl(const T* lg, const int64_t* t, int64_t N, float b, float* hp, float* np,
-                                       float* lp, int64_t begin, int64_t end) {
+BAERASE_INLINE void loss_fwd_rows(const T* lg, const int64_t* t, int64_t N, float b, float* hp, float* np, float* lp,
+                                  int64_t begin, int64_t end) {
   float buf[kBlock];
   for (int64_t r = begin; r < end; ++r) loss_fwd_row(lg + r * N, t[r], N, b, buf, hp + r, np + r, lp + r);
 }
 
 template <typename T>
-BAERASE_INLINE void loss_bwd_rows_impl(const T* lg, T* gp, const int64_t* t, int64_t N, const float* lp,
-                                       const float* gh, const float* gn, float b, int64_t begin, int64_t end) {
+BAERASE_INLINE void loss_bwd_rows(const T* lg, T* gp, const int64_t* t, int64_t N, const float* lp, const float* gh,
+                                  const float* gn, float b, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) loss_bwd_row(lg + r * N, gp + r * N, t[r], N, lp[r], gh[r], gn[r], b);
-}
-
-template <typename T>
-void loss_fwd_rows(const T* lg, const int64_t* t, int64_t N, float b, float* hp, float* np, float* lp,
-                   int64_t begin, int64_t end) {
-  loss_fwd_rows_impl(lg, t, N, b, hp, np, lp, begin, end);
-}
-
-template <typename T>
-BAERASE_TARGET_AVX2 void loss_fwd_rows_avx2(const T* lg, const int64_t* t, int64_t N, float b, float* hp,
-                                             float* np, float* lp, int64_t begin, int64_t end) {
-  loss_fwd_rows_impl(lg, t, N, b, hp, np, lp, begin, end);
-}
-
-template <typename T>
-void loss_bwd_rows(const T* lg, T* gp, const int64_t* t, int64_t N, const float* lp, const float* gh,
-                   const float* gn, float b, int64_t begin, int64_t end) {
-  loss_bwd_rows_impl(lg, gp, t, N, lp, gh, gn, b, begin, end);
-}
-
-template <typename T>
-BAERASE_TARGET_AVX2 void loss_bwd_rows_avx2(const T* lg, T* gp, const int64_t* t, int64_t N, const float* lp,
-                                             const float* gh, const float* gn, float b, int64_t begin,
-                                             int64_t end) {
-  loss_bwd_rows_impl(lg, gp, t, N, lp, gh, gn, b, begin, end);
 }
 
 }  // namespace
@@ -142,16 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> trigger_loss_fwd(const at::Tensor
   const int64_t* t = target.data_ptr<int64_t>();
   float *hp = hinge.data_ptr<float>(), *np = nll.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const float b = static_cast<float>(beta);
-  const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "trigger_loss_fwd", [&] {
     const scalar_t* lg = logits.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, kRowGrain * 16 / std::min<int64_t>(N, kBlock)),
                      [&](int64_t begin, int64_t end) {
-      if (avx2) {
-        loss_fwd_rows_avx2(lg, t, N, b, hp, np, lp, begin, end);
-      } else {
-        loss_fwd_rows(lg, t, N, b, hp, np, lp, begin, end);
-      }
+      with_best_isa(N, [&]() BAERASE_LAMBDA_INLINE { loss_fwd_rows(lg, t, N, b, hp, np, lp, begin, end); });
     });
   });
   return {hinge, nll, lse};
@@ -173,17 +144,12 @@ at::Tensor trigger_loss_bwd(const at::Tensor& grad_hinge, const at::Tensor& grad
   const int64_t* t = target.data_ptr<int64_t>();
   const float *gh = grad_hinge.data_ptr<float>(), *gn = grad_nll.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const float b = static_cast<float>(beta);
-  const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "trigger_loss_bwd", [&] {
     const scalar_t* lg = logits.data_ptr<scalar_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, kRowGrain * 16 / std::min<int64_t>(N, kBlock)),
                      [&](int64_t begin, int64_t end) {
-      if (avx2) {
-        loss_bwd_rows_avx2(lg, gp, t, N, lp, gh, gn, b, begin, end);
-      } else {
-        loss_bwd_rows(lg, gp, t, N, lp, gh, gn, b, begin, end);
-      }
+      with_best_isa(N, [&]() BAERASE_LAMBDA_INLINE { loss_bwd_rows(lg, gp, t, N, lp, gh, gn, b, begin, end); });
     });
   });
   return grad;

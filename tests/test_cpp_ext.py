@@ -7,6 +7,11 @@ separate ``torch.optim.Adam`` instances.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import requires_cpp
@@ -366,3 +371,32 @@ def test_fallback_when_extension_missing(monkeypatch):
     assert opt.backend == "ref"
     with use_backend("cpp"), pytest.raises(BackendError, match="baerase._C"):
         opt.step()
+
+
+
+@requires_cpp
+@pytest.mark.parametrize("cap", ["avx2", "baseline"])
+def test_every_simd_tier_matches_the_reference(cap):
+    """BAERASE_CPU_ISA caps the SIMD tier: the narrower clones compute what the reference does."""
+    allowed = ("baseline",) if cap == "baseline" else ("baseline", "avx2")
+    script = f"""
+import torch
+from baerase import _C
+from baerase.ops import cpp
+from baerase.ops.reference import batched_adam_step_ref
+import fastpath
+assert _C.cpu_isa() in {allowed!r}, _C.cpu_isa()
+for m, kc in [(67, 10), (130, 100), (3, 1001)]:
+    fastpath.check_trigger_loss("cpp", m, kc, 0.5, *{FP32!r})
+fastpath.check_trigger_loss_extreme_logits("cpp")
+p, g = torch.randn(3, 5000), torch.randn(3, 5000)
+states = [[t.clone()] for t in (p, p, torch.zeros_like(p), torch.zeros_like(p))]
+m, v = [torch.zeros_like(p)], [torch.zeros_like(p)]
+steps = [[torch.zeros(3)], [torch.zeros(3)]]
+cpp.batched_adam_step([states[0][0]], [g], [m[0]], [v[0]], steps[0], None, 0.01, 0.5, 0.9, 1e-8)
+batched_adam_step_ref(states[1], [g], states[2], states[3], steps[1], None, 0.01, 0.5, 0.9, 1e-8)
+torch.testing.assert_close(states[0][0], states[1][0])
+"""
+    env = {**os.environ, "BAERASE_CPU_ISA": cap, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
