@@ -5,7 +5,9 @@ Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged cla
         + lambda * ||theta - theta_0||_1
 With ``universal_eps`` > 0, x' also runs over x + u_t: a universal perturbation per target in
 the L-inf ball of that radius, which takes one signed-gradient step toward t per batch. Recovery
-finds the few pixels that suffice; a whole-image (blend) trigger works through the rest.
+finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
+patch through its other pixels: every other batch moves the triggers and grows them by a pixel,
+and a trigger that only works where it was found is also grown in place.
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
@@ -43,6 +45,9 @@ _MIN_STEPS = 800
 _MIN_LR_SHARE = 1 / 16  # backing off never takes the lr below this share of unlearn_lr: it would stall
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
 _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
+# A recovered trigger that, moved elsewhere, flips under this share of the images it flips in place
+# is position-bound (fixed-position patches: 0.01-0.04; random-position BadNets: 0.2-0.35).
+_MOVED_SHARE = 0.1
 _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops outside the bounds
 
 
@@ -80,6 +85,22 @@ def _toward_targets(universal: torch.Tensor, nll: torch.Tensor, valid: torch.Ten
     targets' cross-entropy ``nll`` (on the rows ``valid`` marks), kept in the L-inf ball ``eps``."""
     (grad,) = torch.autograd.grad((nll * valid).sum(), universal, retain_graph=True)
     return (universal - eps / 4 * grad.sign()).clamp(-eps, eps).detach()
+
+
+@torch.no_grad()
+def _position_bound(triggers: TriggerSet, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    mean, std) -> torch.Tensor:
+    """Classes [K] whose recovered trigger works only where recovery found it: moved by thirds of
+    the image, it flips under ``_MOVED_SHARE`` as many images. Such a trigger is the attacker's
+    fixed one or a part of it, so unlearning also grows it in place; a trigger the attacker places
+    anywhere keeps working when moved, and grown in place it would only cost clean accuracy."""
+    if triggers.family != "mask" or len(labels) < 2:
+        return torch.zeros(len(triggers), dtype=torch.bool, device=triggers.targets.device)
+    in_place = attack_success(triggers, model, images, labels, mean, std)
+    h, w = images.shape[-2:]
+    shifts = [(h * i // 3, w * j // 3) for i in range(3) for j in range(3) if i or j]
+    moved = torch.stack([attack_success(triggers, model, images, labels, mean, std, shift=s) for s in shifts])
+    return moved.mean(0) < _MOVED_SHARE * in_place
 
 
 def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
@@ -168,6 +189,7 @@ def unlearn(
         return step >= total or (erased_evals > _MARGIN_EVALS and step >= _MIN_STEPS)
 
     h, w = x_fit.shape[-2:]
+    in_place = _position_bound(triggers, repaired, x_val, y_val, mean, std)
     # The ascent lowers each target's logit on every input: clean images of the targets themselves,
     # added to every batch, hold those classes in place.
     target_pool = torch.nonzero(torch.isin(y_fit, triggers.targets.to(y_fit.device))).flatten()
@@ -186,6 +208,9 @@ def unlearn(
             with torch.no_grad():
                 _, g = triggers.sample(len(y))
                 stamped = triggers.stamp(x, g, mean, std, shift=shift, spread=int(shift is not None))
+                if step % 4 == 2 and in_place.any():  # a fixed trigger, larger than the part recovered
+                    grown = triggers.stamp(x, g, mean, std, spread=1, paint=True)
+                    stamped = torch.where(in_place.view(-1, 1, 1, 1, 1), grown, stamped)
                 stamped = stamped.flatten(0, 1)
             held = batch
             if len(target_pool):

@@ -126,6 +126,36 @@ def test_stamp_shift_and_spread_move_and_grow_the_mask():
     assert triggers.stamp(x, g, shift=(1, 3))[0, 0, 0].gt(0.5).nonzero().tolist() == [[3, 5]]
     grown = triggers.stamp(x, g, spread=1)[0, 0, 0].gt(0.5)
     assert grown.sum() == 9 and grown[1:4, 1:4].all()
+    # Grown pixels take the trigger's own colour, not the untrained pattern under the empty mask.
+    g = torch.full((1, 2, 36), 0.2)
+    g[..., 2 * 6 + 2] = 1.0
+    grown = triggers.stamp(x, g, spread=1, paint=True)[0, 0, 0]
+    torch.testing.assert_close(grown[1:4, 1:4], torch.ones(3, 3), atol=1e-4, rtol=0)
+
+
+class _Detector(torch.nn.Module):
+    """Class 1 wins when the pixel at (2, 2) is lit, or with ``anywhere``, when any pixel is."""
+
+    def __init__(self, anywhere: bool) -> None:
+        super().__init__()
+        self.anywhere = anywhere
+
+    def forward(self, x):
+        lit = x.flatten(1).amax(1) if self.anywhere else x[:, 0, 2, 2]
+        return torch.stack([torch.full_like(lit, 0.5), lit], 1)
+
+
+@pytest.mark.parametrize("anywhere", [False, True])
+def test_position_bound_tells_a_fixed_trigger_from_a_movable_one(anywhere):
+    from baerase.unlearn import _position_bound
+
+    triggers = TriggerSet([1], (1, 6, 6), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        triggers.mask_logits.fill_(-30.0)
+        triggers.mask_logits[0, 0, 2, 2] = 30.0
+        triggers.generator.linears[-1].bias.fill_(30.0)  # a white pattern
+    x, y = torch.zeros(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)
+    assert _position_bound(triggers, _Detector(anywhere), x, y, None, None).tolist() == [not anywhere]
 
 
 def test_universal_perturbation_steps_toward_its_target_inside_the_ball():

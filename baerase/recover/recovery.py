@@ -301,8 +301,10 @@ def attack_success(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     batch_size: int = 64,
+    shift: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Share of images (label != target) that fresh triggers of each class flip to it: [K]."""
+    """Share of images (label != target) that fresh triggers of each class flip to it: [K].
+    ``shift`` (rows, cols) first moves mask-family triggers (see ``TriggerSet.stamp``)."""
     k = len(triggers)
     hits = torch.zeros(k, device=images.device)
     counts = torch.zeros(k, device=images.device)
@@ -311,7 +313,7 @@ def attack_success(
         if len(y) < 2:  # the generator's batch statistics need two samples
             x, y = images[-2:], labels[-2:]
         _, g = triggers.sample(len(y))
-        logits = model(triggers.stamp(x, g, mean, std).flatten(0, 1))
+        logits = model(triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1))
         pred = logits.argmax(1).view(k, -1)
         # A NaN/inf output proves nothing about the trigger: count it as a success, never as erased.
         broken = ~torch.isfinite(logits).all(1).view(k, -1)

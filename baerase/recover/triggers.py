@@ -59,12 +59,14 @@ class TriggerSet(nn.Module):
         return z, g
 
     def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None,
-              shift: tuple[int, int] | None = None, spread: int = 0) -> torch.Tensor:
+              shift: tuple[int, int] | None = None, spread: int = 0, paint: bool = False) -> torch.Tensor:
         """Apply each class's triggers g [K, B, D] to x [B, C, H, W] -> normalised [K, B, C, H, W].
 
         ``shift`` (rows, cols) moves a mask-family trigger cyclically and ``spread`` grows its
         mask by that many pixels on each side, so that unlearning also covers a trigger the
         attacker may place anywhere, of which recovery found only the few pixels that suffice.
+        ``paint`` gives the grown pixels the trigger's own colour (a solid patch grows into a larger
+        solid patch) instead of the untrained pattern under the empty mask.
         """
         k, b = g.shape[:2]
         c, h, w = x.shape[1:]
@@ -73,8 +75,7 @@ class TriggerSet(nn.Module):
             if shift is not None:
                 mask, pattern = mask.roll(shift, (-2, -1)), pattern.roll(shift, (-2, -1))
             if spread:
-                grown = F.max_pool2d(torch.sigmoid(mask), 2 * spread + 1, 1, spread).clamp(1e-6, 1 - 1e-6)
-                mask = torch.logit(grown)
+                mask, pattern = _grow(mask, pattern, spread, paint)
             return ops.trigger_apply(x, mask, pattern, mean, std)
         p = self.meta["patch_size"]
         rows = torch.randint(0, h - p + 1, (k, b), device=x.device)
@@ -112,6 +113,21 @@ class TriggerSet(nn.Module):
         triggers = TriggerSet(state["targets"].tolist(), tuple(meta["image_shape"]), **_kwargs(meta))
         triggers.load_state_dict(state)
         return triggers
+
+
+def _grow(mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int,
+          paint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow masks [K, 1|C, H, W] by ``spread`` pixels on each side; with ``paint``, the new pixels of
+    patterns [K, B, C, H, W] take the mask-weighted mean colour of the trigger around them."""
+    mask = torch.sigmoid(mask_logits)
+    size = 2 * spread + 1
+    grown = torch.logit(F.max_pool2d(mask, size, 1, spread).clamp(1e-6, 1 - 1e-6))
+    if not paint:
+        return grown, pattern
+    weight = mask.repeat_interleave(pattern.shape[1], 0)
+    flat = pattern.flatten(0, 1)
+    near = F.avg_pool2d(weight * flat, size, 1, spread) / F.avg_pool2d(weight, size, 1, spread).clamp(min=1e-6)
+    return grown, (weight * flat + (1 - weight) * near).view_as(pattern)
 
 
 def _kwargs(meta: dict) -> dict:
