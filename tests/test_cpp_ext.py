@@ -398,5 +398,6 @@ batched_adam_step_ref(states[1], [g], states[2], states[3], steps[1], None, 0.01
 torch.testing.assert_close(states[0][0], states[1][0])
 """
     env = {**os.environ, "BAERASE_CPU_ISA": cap, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
