@@ -317,7 +317,7 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
 
     monkeypatch.setattr(unlearn_module.ops, "trigger_loss", poisoned)
     # the guard stops once triggers no longer work; keep it going for every step
-    monkeypatch.setattr(unlearn_module, "attack_success", lambda *a: torch.ones(1))
+    monkeypatch.setattr(unlearn_module, "attack_success", lambda *a, **k: torch.ones(1))
     fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
     cfg = CFG.replace(unlearn_epochs=4, unlearn_batch_size=8, asr_stop=0.0)
     outcome = unlearn_module.unlearn(m, triggers, fit, val, cfg, num_classes=K)
