@@ -46,7 +46,7 @@ _MIN_LR_SHARE = 1 / 16  # backing off never takes the lr below this share of unl
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
 _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
 # A recovered trigger that, moved elsewhere, flips under this share of the images it flips in place
-# is position-bound (fixed-position patches: 0.01-0.04; random-position BadNets: 0.2-0.35).
+# is position-bound (fixed-position patches: 0.01-0.04; random-position BadNets: 0.15-0.36).
 _MOVED_SHARE = 0.1
 _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops outside the bounds
 
