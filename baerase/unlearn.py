@@ -6,8 +6,9 @@ Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged cla
 With ``universal_eps`` > 0, x' also runs over x + u_t: a universal perturbation per target in
 the L-inf ball of that radius, which takes one signed-gradient step toward t per batch. Recovery
 finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
-patch through its other pixels: every other batch moves the triggers and grows them by a pixel,
-and a trigger that only works where it was found is also grown in place.
+patch through its other pixels: every other batch moves the triggers and grows them by a pixel of
+random black or white, and a trigger that only works where it was found is also grown in place in
+its own colour.
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every

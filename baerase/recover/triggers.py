@@ -65,8 +65,10 @@ class TriggerSet(nn.Module):
         ``shift`` (rows, cols) moves a mask-family trigger cyclically and ``spread`` grows its
         mask by that many pixels on each side, so that unlearning also covers a trigger the
         attacker may place anywhere, of which recovery found only the few pixels that suffice.
-        ``paint`` gives the grown pixels the trigger's own colour (a solid patch grows into a larger
-        solid patch) instead of the untrained pattern under the empty mask.
+        The grown pixels' colours are unknown: each sample draws black or white per pixel and
+        channel, which covers the rest of an attacker's pattern (a 3x3 "x" of which recovery found
+        a diagonal pair), or with ``paint`` they take the trigger's own colour (a solid patch grows
+        into a larger solid patch).
         """
         k, b = g.shape[:2]
         c, h, w = x.shape[1:]
@@ -117,17 +119,21 @@ class TriggerSet(nn.Module):
 
 def _grow(mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int,
           paint: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grow masks [K, 1|C, H, W] by ``spread`` pixels on each side; with ``paint``, the new pixels of
-    patterns [K, B, C, H, W] take the mask-weighted mean colour of the trigger around them."""
+    """Grow masks [K, 1|C, H, W] by ``spread`` pixels on each side. The new pixels of patterns
+    [K, B, C, H, W] take the mask-weighted mean colour of the trigger around them (``paint``) or a
+    random black or white (the untrained pattern under an empty mask is a dim grey that covers
+    no attacker's pixels)."""
     mask = torch.sigmoid(mask_logits)
     size = 2 * spread + 1
     grown = torch.logit(F.max_pool2d(mask, size, 1, spread).clamp(1e-6, 1 - 1e-6))
-    if not paint:
-        return grown, pattern
-    weight = mask.repeat_interleave(pattern.shape[1], 0)
-    flat = pattern.flatten(0, 1)
-    near = F.avg_pool2d(weight * flat, size, 1, spread) / F.avg_pool2d(weight, size, 1, spread).clamp(min=1e-6)
-    return grown, (weight * flat + (1 - weight) * near).view_as(pattern)
+    weight = mask.unsqueeze(1)
+    if paint:
+        flat, flat_weight = pattern.flatten(0, 1), weight.expand_as(pattern).flatten(0, 1)
+        near = (F.avg_pool2d(flat_weight * flat, size, 1, spread)
+                / F.avg_pool2d(flat_weight, size, 1, spread).clamp(min=1e-6)).view_as(pattern)
+    else:
+        near = torch.rand_like(pattern).round()
+    return grown, weight * pattern + (1 - weight) * near
 
 
 def _kwargs(meta: dict) -> dict:
