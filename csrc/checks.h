@@ -12,10 +12,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sigmoid.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 
 #define BAERASE_CHECK_CPU(t) TORCH_CHECK_VALUE((t).device().is_cpu(), #t " must be a CPU tensor")
 #define BAERASE_CHECK_CONTIGUOUS(t) TORCH_CHECK_VALUE((t).is_contiguous(), #t " must be contiguous")
