@@ -130,6 +130,13 @@ def test_erase_guards_on_its_whole_guard_split_and_scan_scores_on_at_most_eval_s
     assert abs(len(erase_side.val[1]) - config.guard_fraction * len(Y)) <= 1
 
 
+def test_erase_warns_when_its_guard_split_is_too_small_to_bound_the_drop():
+    report = _scan()
+    report.classes[1].flagged = True  # force an erase whatever this random model scored
+    with pytest.warns(UserWarning, match="holds out 20 clean images for its accuracy guard"):
+        baerase.erase(model(), X, Y, report, config=CFG)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU build of torch: no second device")
 def test_config_device_other_than_the_models_is_refused():
     with pytest.raises(InputError, match="the model is on cpu but config.device is cuda"):
