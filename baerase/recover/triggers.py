@@ -128,7 +128,7 @@ def _grow(mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int,
     grown = torch.logit(F.max_pool2d(mask, size, 1, spread).clamp(1e-6, 1 - 1e-6))
     weight = mask.unsqueeze(1)
     if paint:
-        flat, flat_weight = pattern.flatten(0, 1), weight.expand_as(pattern).flatten(0, 1)
+        flat, flat_weight = pattern.flatten(0, 1), weight.expand(-1, pattern.shape[1], -1, -1, -1).flatten(0, 1)
         near = (F.avg_pool2d(flat_weight * flat, size, 1, spread)
                 / F.avg_pool2d(flat_weight, size, 1, spread).clamp(min=1e-6)).view_as(pattern)
     else:
