@@ -1,8 +1,11 @@
 """Step 3 of BAERASE: erase the backdoor by unlearning the recovered triggers, under a guard.
 
 Per batch (x, y) of clean data and fresh triggers x' drawn from each flagged class t:
-    L = alpha_u * [CE(f(x), y) + KL(f_0(x) || f(x))] - min(CE(f(x'), t), cap) + r * CE(f(x'), y)
-        + lambda * ||theta - theta_0||_1
+    L = alpha_u * [CE(f(x), y) + KL(f_0(x) || f(x)) + w * KL(f_0(x~) || f(x~))] - min(CE(f(x'), t), cap)
+        + r * CE(f(x'), y) + lambda * ||theta - theta_0||_1
+where x~ are copies of the clean images, each mixed with another and moved a little. A few clean
+images per class hold the original model's function only at those images; the copies hold it
+between and around them. They are used (w > 0) only when the clean set is that scarce.
 With ``universal_eps`` > 0, x' also runs over x + u_t: a universal perturbation per target in
 the L-inf ball of that radius, which takes one signed-gradient step toward t per batch. Recovery
 finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
@@ -50,6 +53,39 @@ _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trai
 # is position-bound (fixed-position patches: 0.01-0.04; random-position BadNets: 0.15-0.36).
 _MOVED_SHARE = 0.1
 _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops outside the bounds
+# Below this many clean images per class (in the fit split), unlearning also anchors the model on
+# mixed copies of them, at weight w. Measured unlearning with 2 and 4 images per class, the test set
+# lost 12.8 and 2.0 points of accuracy without the copies, 0.9 and 0.4 with them. At 25 per class the
+# images hold accuracy alone, and the copies only cost time and hold part of the backdoor in place
+# (a Trojan-style patch: 1.6% of triggered images still flipped instead of 0.6%).
+_SCARCE_PER_CLASS = 8
+# At weight 1 the copies hold more of the backdoor (random-position BadNets: 0.6-0.8% still flip
+# instead of 0.2-0.4%); at 0.1 they keep the accuracy gains above.
+_COPY_WEIGHT = 0.1
+_COPY_SHIFT = 1 / 8  # copies move by up to this share of the image side
+
+
+def _mixed_copies(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of x [N, C, H, W] mixed with another at a random share, the batch then moved
+    (cyclically) by up to ``_COPY_SHIFT`` of each side: inputs near the clean data, not on it."""
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    share = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device)
+    shift = [int(torch.randint(-int(n * _COPY_SHIFT), int(n * _COPY_SHIFT) + 1, (1,), generator=generator))
+             for n in x.shape[-2:]]
+    return (share * x + (1 - share) * x[partner]).roll(shift, (-2, -1))
+
+
+def _kl(logp: torch.Tensor, reference_logp: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(logp, reference_logp, log_target=True, reduction="batchmean")
+
+
+def _copy_anchor(model: nn.Module, reference: nn.Module, images: torch.Tensor, generator: torch.Generator,
+                 mean, std) -> torch.Tensor:
+    """KL(reference || model) on mixed copies of the clean ``images``."""
+    copies = normalize_images(_mixed_copies(images, generator), mean, std)
+    with torch.no_grad():
+        reference_logp = F.log_softmax(reference(copies), 1)
+    return _kl(F.log_softmax(model(copies), 1), reference_logp)
 
 
 @dataclass
@@ -158,6 +194,7 @@ def unlearn(
     with torch.no_grad():
         reference_logp = F.log_softmax(_logits(reference, x_all, mean, std), 1)
     fit_logp = reference_logp[: len(y_fit)]
+    scarce = len(y_fit) < _SCARCE_PER_CLASS * reference_logp.shape[1]
     right_before = reference_logp.argmax(1) == y_all
 
     def score(step: int) -> dict:
@@ -223,8 +260,10 @@ def unlearn(
                 stamped = torch.cat([stamped, normalize_images(perturbed, mean, std)])
             logits = repaired(torch.cat([normalize_images(x_fit[held], mean, std), stamped]))
             clean_logp = F.log_softmax(logits[: len(held)], 1)
-            clean_loss = F.nll_loss(clean_logp, y_fit[held]) + F.kl_div(
-                clean_logp, fit_logp[held], log_target=True, reduction="batchmean")
+            clean_loss = F.nll_loss(clean_logp, y_fit[held]) + _kl(clean_logp, fit_logp[held])
+            if scarce:
+                clean_loss = clean_loss + _COPY_WEIGHT * _copy_anchor(repaired, reference, x_fit[held], generator,
+                                                                      mean, std)
             stamped_logits = logits[len(held):]
             target_rows = triggers.targets.repeat_interleave(len(y)).repeat(parts)
             _, nll = ops.trigger_loss(stamped_logits, target_rows, 1.0)

@@ -183,3 +183,19 @@ def test_universal_perturbation_steps_toward_its_target_inside_the_ball():
         if step < 4:  # four steps of eps/4 reach the edge of the ball, where the clamp holds it
             assert target_nll(universal)[0].mean().item() < before
     assert universal.abs().max().item() == pytest.approx(0.1) and not universal.requires_grad
+
+
+def test_mixed_copies_blend_pairs_of_images_and_move_them_a_little():
+    from baerase.unlearn import _mixed_copies
+
+    x = torch.stack([torch.zeros(1, 16, 16), torch.ones(1, 16, 16)])
+    x[0, 0, 8, 8] = 1.0  # one lit pixel in the dark image shows the move
+    copies = _mixed_copies(x, torch.Generator().manual_seed(0))
+    assert copies.shape == x.shape and 0 <= copies.min() and copies.max() <= 1
+    # Each copy is the image it came from, moved, blended with the other at one share.
+    share = copies[0].flatten().min()
+    lit = torch.nonzero(copies[0, 0] == copies[0].max())
+    assert lit.shape == (1, 2) and (lit[0] - 8).abs().max() <= 2  # moved by at most 16 / 8 pixels
+    assert torch.allclose(copies[0].sum(), share * 255 + 1, atol=1e-4)
+    again = _mixed_copies(x, torch.Generator().manual_seed(0))
+    assert torch.equal(copies, again)
