@@ -29,7 +29,7 @@ Normalize = tuple[Any, Any] | None
 _MAX_ERASE_ROUNDS = 3  # unlearn -> re-scan rounds before an erase is reported unverified
 # Below this many guard images, one image is over twice the allowed accuracy drop: unlearning on so
 # few images can lose more accuracy on unseen data than the guard sees (MNIST, 35 clean images in
-# all: the guard saw no loss, the test set lost 0.9 points, and 13 without unlearning's copy anchor).
+# all: the guard saw no loss, the test set lost 1.0 point, and 13 without unlearning's copy anchor).
 _GUARD_MIN_IMAGES = 50
 # Unlearning moves a repaired class's boundary, so it stays easier to reach than the clean classes:
 # after erasing a blend, the re-scan finds triggers about 3x smaller than the median (index far

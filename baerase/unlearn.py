@@ -55,7 +55,7 @@ _MOVED_SHARE = 0.1
 _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops outside the bounds
 # Below this many clean images per class (in the fit split), unlearning also anchors the model on
 # mixed copies of them, at weight w. Measured unlearning with 2 and 4 images per class, the test set
-# lost 12.8 and 2.0 points of accuracy without the copies, 0.9 and 0.4 with them. At 25 per class the
+# lost 12.8 and 2.0 points of accuracy without the copies, 1.0 and 0.4 with them. At 25 per class the
 # images hold accuracy alone, and the copies only cost time and hold part of the backdoor in place
 # (a Trojan-style patch: 1.6% of triggered images still flipped instead of 0.6%).
 _SCARCE_PER_CLASS = 8
