@@ -270,6 +270,8 @@ def erase(
         return EraseResult(model=repaired, history=[], erased=[], verified=True, evidence=[], accuracy_before=acc,
                            accuracy_after=acc, trigger_asr_before=0.0, trigger_asr_after=0.0, rounds=0,
                            seconds=time.perf_counter() - start)
+    if report.triggers is None:
+        raise InputError("the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output")
     guard_images = len(session.val[1])
     if guard_images < _GUARD_MIN_IMAGES:
         warnings.warn(
@@ -278,8 +280,6 @@ def erase(
             f"Give it at least {math.ceil(_GUARD_MIN_IMAGES / cfg.guard_fraction)} clean images.",
             stacklevel=2,
         )
-    if report.triggers is None:
-        raise InputError("the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output")
     positions = [report.triggers.targets.tolist().index(t) for t in flagged]
     triggers = report.triggers.to(session.device).select(positions)
     side = _side(report.family)
@@ -288,7 +288,7 @@ def erase(
 
     current, history, first, evidence, rolled_back = model, [], None, [], 0
     # Every round answers to the original model.
-    floor = _accuracy(model, session) - allowed_drop(cfg, len(session.val[1]))
+    floor = _accuracy(model, session) - allowed_drop(cfg, guard_images)
     with session.running():
         for round_ in range(1, _MAX_ERASE_ROUNDS + 1):
             outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,
