@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.effectiveness import __main__ as cli
 from benchmarks.effectiveness.grid import Cell, full_grid, small_grid
-from benchmarks.effectiveness.report import write
+from benchmarks.effectiveness.report import markdown, write
 from benchmarks.effectiveness.run import run_cell
 
 
@@ -34,6 +34,17 @@ def test_one_cell_and_report(tmp_path):
     assert json.loads((tmp_path / "eff.json").read_text())["rows"][0]["cell"] == cell.name
     assert "| fine_tune |" in (tmp_path / "eff.md").read_text()
     assert len(paths) >= 2
+
+
+def test_report_counts_the_cells_baerase_passes():
+    def row(attack, bar, weak=False):
+        res = {"ca_after": 1.0, "asr_after": 0.0, "seconds": 1.0, "bar": bar}
+        return {"cell": "c", "attack": attack, "weak_attack": weak, "ca_before": 1.0, "asr_before": 0.9,
+                "defenses": {"baerase": res, "fine_tune": dict(res, bar=False)}}
+
+    rows = [row("badnets3", True), row("badnets3", False, weak=True), row("imc", False), row(None, True)]
+    text = markdown(rows, {"grid": "test", "threads": 1, "machine": "cpu", "seconds": 1.0})
+    assert "baerase meets the bar on 1 of 3 backdoored cells; weak attacks (ASR before < 50%) among its misses: 1." in text
 
 
 @pytest.mark.slow

@@ -45,10 +45,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
             )
     clean = [r for r in rows if r["attack"] is None]
     false = sum(bool(r["defenses"].get("baerase", {}).get("false_flags")) for r in clean)
-    lines += ["", f"baerase false flags on clean models: {false} of {len(clean)}."]
+    lines += ["", f"baerase false flags on clean models: {false} of {len(clean)}.", "", _attack_tally(rows)]
     for note in meta.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _attack_tally(rows: list[dict]) -> str:
+    """How many backdoored cells baerase passes, and how many of its misses had a backdoor that never took hold."""
+    runs = [(r, r["defenses"].get("baerase", {})) for r in rows if r["attack"]]
+    runs = [(r, res) for r, res in runs if "bar" in res]
+    passed = sum(bool(res["bar"]) for _, res in runs)
+    weak = sum(bool(r.get("weak_attack")) and not res["bar"] for r, res in runs)
+    tally = f"baerase meets the bar on {passed} of {len(runs)} backdoored cells"
+    return tally + (f"; weak attacks (ASR before < 50%) among its misses: {weak}." if weak else ".")
 
 
 def plot(rows: list[dict], path: Path) -> str | None:
