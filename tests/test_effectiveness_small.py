@@ -44,7 +44,7 @@ def test_report_counts_the_cells_baerase_passes():
 
     rows = [row("badnets3", True), row("badnets3", False, weak=True), row("imc", False), row(None, True)]
     text = markdown(rows, {"grid": "test", "threads": 1, "machine": "cpu", "seconds": 1.0})
-    assert "baerase meets the bar on 1 of 3 backdoored cells; weak attacks (ASR before < 50%) among its misses: 1." in text
+    assert "baerase meets the bar on 1 of 3 backdoored models; weak attacks (ASR before < 50%) among its misses: 1." in text
 
 
 @pytest.mark.slow

@@ -52,12 +52,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def _attack_tally(rows: list[dict]) -> str:
-    """How many backdoored cells baerase passes, and how many of its misses had a backdoor that never took hold."""
+    """Backdoored models (rows) baerase passes, and how many of its misses never learned their backdoor."""
     runs = [(r, r["defenses"].get("baerase", {})) for r in rows if r["attack"]]
     runs = [(r, res) for r, res in runs if "bar" in res]
     passed = sum(bool(res["bar"]) for _, res in runs)
     weak = sum(bool(r.get("weak_attack")) and not res["bar"] for r, res in runs)
-    tally = f"baerase meets the bar on {passed} of {len(runs)} backdoored cells"
+    tally = f"baerase meets the bar on {passed} of {len(runs)} backdoored models"
     return tally + (f"; weak attacks (ASR before < 50%) among its misses: {weak}." if weak else ".")
 
 
