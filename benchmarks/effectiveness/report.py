@@ -74,7 +74,8 @@ def plot(rows: list[dict], path: Path) -> str | None:
     if not cells:
         return None
     names = sorted({n for r in cells for n, res in r["defenses"].items() if "skipped" not in res})
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(cells) * len(names) / 3), 4.5))
+    # Panels stacked, so a full grid stays a readable page wide instead of a strip.
+    fig, axes = plt.subplots(2, 1, figsize=(min(40, max(8, 0.06 * len(cells) * len(names))), 9))
     width = 0.8 / max(len(names), 1)
     for ax, key, title in (
         (axes[0], "asr", "ASR after defense (%)"),
@@ -95,7 +96,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
         ax.set_title(title)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))])
         ax.set_xticklabels([r["cell"].replace("/", "\n") for r in cells], fontsize=6)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=min(len(names), 5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
