@@ -36,7 +36,7 @@ def test_one_cell_and_report(tmp_path):
     assert len(paths) >= 2
 
 
-def test_report_counts_the_cells_baerase_passes():
+def test_report_counts_the_backdoored_models_baerase_passes():
     def row(attack, bar, weak=False):
         res = {"ca_after": 1.0, "asr_after": 0.0, "seconds": 1.0, "bar": bar}
         return {"cell": "c", "attack": attack, "weak_attack": weak, "ca_before": 1.0, "asr_before": 0.9,
