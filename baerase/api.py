@@ -21,7 +21,7 @@ from .errors import InputError
 from .recover import TriggerSet, attack_success, frozen, recover
 from .recover.checkpoint import ChunkStore
 from .recover.recovery import plan_chunks, recover_scored
-from .report import ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
+from .report import UNCHANGED, ClassResult, EraseResult, ScanReport, sha256_model, sha256_tensors
 from .unlearn import allowed_drop, unlearn
 from .validate import check_device, check_images, check_labels, check_model, check_normalize, probe_classes
 
@@ -254,7 +254,8 @@ def erase(
     The clean accuracy on a held-out validation split (``config.guard_fraction`` of the clean data)
     never drops by more than ``config.max_accuracy_drop``. Returns EraseResult with the repaired
     ``model`` (the input model is never modified), ``history``, ``verified`` and the re-scan
-    ``evidence``.
+    ``evidence``. When no unlearning step stays within that bound, ``model`` is a copy of the input,
+    ``changed`` is False and a warning says so.
     """
     start = time.perf_counter()
     if not isinstance(report, ScanReport):
@@ -286,7 +287,7 @@ def erase(
     clean = [c for c in report.classes if not c.flagged]
     reference = score_values(torch.tensor([c.trigger_norm for c in clean]), torch.tensor([c.attack_success for c in clean]), side)
 
-    current, history, first, evidence, rolled_back = model, [], None, [], 0
+    current, history, first, evidence, rolled_back, changed = model, [], None, [], 0, False
     # Every round answers to the original model.
     floor = _accuracy(model, session) - allowed_drop(cfg, guard_images)
     with session.running():
@@ -294,21 +295,24 @@ def erase(
             outcome = unlearn(current, triggers, session.fit, session.val, cfg, session.mean, session.std,
                               session.num_classes, accuracy_floor=floor, original=model)
             rolled_back += outcome.rolled_back
+            changed = changed or outcome.kept_step > 0
             first = first or outcome
             history += [dict(row, round=round_) for row in outcome.history]
             current = outcome.model
             rescan, evidence, still = session.find_backdoors(current, flagged, reference, side,
                                                              f"baerase verify (round {round_})",
                                                              max(cfg.min_trigger_shrink, _VERIFY_SHRINK))
-            if not still.any():
-                break
+            if not still.any() or outcome.kept_step == 0:
+                break  # erased, or no step fit the guard: another round would start from the same model
             # The re-scan found a trigger the last round missed: unlearn both next round.
             triggers = TriggerSet.concat([triggers, rescan.select(torch.nonzero(still).flatten())])
+    if not changed:
+        warnings.warn(f"erase could not unlearn classes {flagged}. {UNCHANGED}", stacklevel=2)
     repaired = _frozen_copy(current)
     return EraseResult(model=repaired, history=history, erased=flagged, verified=not still.any(), evidence=evidence,
                        accuracy_before=first.accuracy_before, accuracy_after=_accuracy(repaired, session),
                        trigger_asr_before=first.trigger_asr_before, trigger_asr_after=outcome.trigger_asr_after,
-                       rounds=round_, seconds=time.perf_counter() - start, rolled_back=rolled_back)
+                       rounds=round_, seconds=time.perf_counter() - start, rolled_back=rolled_back, changed=changed)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

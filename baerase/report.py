@@ -132,11 +132,13 @@ class EraseResult:
     rounds: int
     seconds: float
     rolled_back: int = 0  # unlearning steps undone because they produced NaN/inf
+    changed: bool = True  # False: no unlearning step stayed within the accuracy guard; model is the input's copy
 
     def to_dict(self) -> dict:
         keys = (
             "erased",
             "verified",
+            "changed",
             "evidence",
             "accuracy_before",
             "accuracy_after",
@@ -160,11 +162,21 @@ class EraseResult:
             if self.verified
             else "NOT verified: a re-scan still finds a trigger"
         )
-        return (
+        text = (
             f"Erased classes {self.erased} in {self.rounds} round(s), {self.seconds:.1f}s; {state}.\n"
             f"Validation clean accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}; "
             f"recovered-trigger success {self.trigger_asr_before:.3f} -> {self.trigger_asr_after:.3f}."
         )
+        if not self.changed:
+            text += f"\n{UNCHANGED}"
+        return text
+
+
+UNCHANGED = (
+    "The model is returned unchanged: every unlearning step lost more clean accuracy than the guard "
+    "allows (config.max_accuracy_drop), so the backdoor remains. More clean images, or a larger allowed "
+    "drop, give unlearning room."
+)
 
 
 def _jsonable(value):

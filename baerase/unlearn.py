@@ -100,6 +100,7 @@ class UnlearnOutcome:
     trigger_asr_after: float = 0.0
     steps: int = 0
     rolled_back: int = 0  # steps undone because they produced NaN/inf
+    kept_step: int = 0  # the step of the checkpoint returned; 0: no step stayed within the guard
 
 
 def allowed_drop(config: Config, val_size: int) -> float:
@@ -322,5 +323,5 @@ def unlearn(
     return UnlearnOutcome(
         model=repaired, history=history, accuracy_before=first["clean_accuracy"],
         accuracy_after=best["clean_accuracy"], trigger_asr_before=first["trigger_asr"],
-        trigger_asr_after=best["trigger_asr"], steps=step, rolled_back=rolled_back,
+        trigger_asr_after=best["trigger_asr"], steps=step, rolled_back=rolled_back, kept_step=best["step"],
     )

@@ -137,6 +137,19 @@ def test_erase_warns_when_its_guard_split_is_too_small_to_bound_the_drop():
         baerase.erase(model(), X, Y, report, config=CFG)
 
 
+@pytest.mark.filterwarnings("ignore:erase holds out")  # 40 images: the small-guard warning is expected
+def test_erase_that_no_step_fits_the_guard_says_so_and_returns_the_model_unchanged(monkeypatch):
+    m = model()
+    report = _scan(m=m)
+    report.classes[1].flagged = True  # force an erase whatever this random model scored
+    monkeypatch.setattr(baerase.api, "allowed_drop", lambda *a: -1.0)  # a floor above 100%: no step can meet it
+    with pytest.warns(UserWarning, match="returned unchanged"):
+        result = baerase.erase(m, X, Y, report, config=CFG)
+    assert not result.changed and not result.to_dict()["changed"] and "returned unchanged" in result.summary()
+    assert result.rounds == 1  # another round would start from the same model
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in m.state_dict().items())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU build of torch: no second device")
 def test_config_device_other_than_the_models_is_refused():
     with pytest.raises(InputError, match="the model is on cpu but config.device is cuda"):

@@ -99,6 +99,7 @@ def _baerase(config: baerase.Config) -> Callable:
         # The guard's own view (its validation split of the defender's images) explains CA drops on the test set.
         extra = {
             "verified": result.verified,
+            "changed": result.changed,
             "scan_s": round(report.seconds, 1),
             "rounds": result.rounds,
             "guard_ca_before": result.accuracy_before,
