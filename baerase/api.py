@@ -302,8 +302,8 @@ def erase(
             rescan, evidence, still = session.find_backdoors(current, flagged, reference, side,
                                                              f"baerase verify (round {round_})",
                                                              max(cfg.min_trigger_shrink, _VERIFY_SHRINK))
-            if not still.any() or outcome.kept_step == 0:
-                break  # erased, or no step fit the guard: another round would start from the same model
+            if not still.any():
+                break
             # The re-scan found a trigger the last round missed: unlearn both next round.
             triggers = TriggerSet.concat([triggers, rescan.select(torch.nonzero(still).flatten())])
     if not changed:

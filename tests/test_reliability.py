@@ -146,7 +146,6 @@ def test_erase_that_no_step_fits_the_guard_says_so_and_returns_the_model_unchang
     with pytest.warns(UserWarning, match="returned unchanged"):
         result = baerase.erase(m, X, Y, report, config=CFG)
     assert not result.changed and not result.to_dict()["changed"] and "returned unchanged" in result.summary()
-    assert result.rounds == 1  # another round would start from the same model
     assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in m.state_dict().items())
 
 
