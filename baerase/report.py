@@ -116,6 +116,13 @@ class ScanReport:
         )
 
 
+UNCHANGED = (
+    "The model is returned unchanged: every unlearning step lost more clean accuracy than the guard "
+    "allows (config.max_accuracy_drop), so the backdoor remains. More clean images, or a larger allowed "
+    "drop, give unlearning room."
+)
+
+
 @dataclass
 class EraseResult:
     """Result of ``baerase.erase``: the repaired copy of the model and the evidence."""
@@ -170,13 +177,6 @@ class EraseResult:
         if not self.changed:
             text += f"\n{UNCHANGED}"
         return text
-
-
-UNCHANGED = (
-    "The model is returned unchanged: every unlearning step lost more clean accuracy than the guard "
-    "allows (config.max_accuracy_drop), so the backdoor remains. More clean images, or a larger allowed "
-    "drop, give unlearning room."
-)
 
 
 def _jsonable(value):
