@@ -254,8 +254,8 @@ def erase(
     The clean accuracy on a held-out validation split (``config.guard_fraction`` of the clean data)
     never drops by more than ``config.max_accuracy_drop``. Returns EraseResult with the repaired
     ``model`` (the input model is never modified), ``history``, ``verified`` and the re-scan
-    ``evidence``. When no unlearning step stays within that bound, ``model`` is a copy of the input,
-    ``changed`` is False and a warning says so.
+    ``evidence``. When no unlearning step within that bound weakens the recovered triggers, ``model``
+    is a copy of the input, ``changed`` is False and a warning says so.
     """
     start = time.perf_counter()
     if not isinstance(report, ScanReport):

@@ -117,9 +117,9 @@ class ScanReport:
 
 
 UNCHANGED = (
-    "The model is returned unchanged: every unlearning step lost more clean accuracy than the guard "
-    "allows (config.max_accuracy_drop), so the backdoor remains. More clean images, or a larger allowed "
-    "drop, give unlearning room."
+    "The model is returned unchanged: no unlearning step both stayed within the accuracy guard "
+    "(config.max_accuracy_drop) and weakened the recovered triggers, so the backdoor remains. More clean "
+    "images, or a larger allowed drop, give unlearning room."
 )
 
 
@@ -139,7 +139,7 @@ class EraseResult:
     rounds: int
     seconds: float
     rolled_back: int = 0  # unlearning steps undone because they produced NaN/inf
-    changed: bool = True  # False: no unlearning step stayed within the accuracy guard; model is the input's copy
+    changed: bool = True  # False: no unlearning step was kept (see UNCHANGED); model is the input's copy
 
     def to_dict(self) -> dict:
         keys = (

@@ -100,7 +100,7 @@ class UnlearnOutcome:
     trigger_asr_after: float = 0.0
     steps: int = 0
     rolled_back: int = 0  # steps undone because they produced NaN/inf
-    kept_step: int = 0  # the step of the checkpoint returned; 0: no step stayed within the guard
+    kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
 
 
 def allowed_drop(config: Config, val_size: int) -> float:
