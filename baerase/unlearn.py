@@ -15,7 +15,8 @@ its own colour.
 The ascent term is the paper's, clipped at ``cap = log(2K)``: once the target's probability on
 triggered inputs is below 1 / (2K) it stops pushing, so the unbounded ascent that wrecks clean
 accuracy at the paper's settings cannot happen. A guard scores the model on held-out data every
-few steps, keeps the best checkpoint within the allowed accuracy loss and stops once fresh
+few steps, keeps the best checkpoint within the allowed accuracy loss (or, for one outside it,
+the point nearest it on the way back to the round's start that is within) and stops once fresh
 recovered triggers no longer work (judged on the validation images the model classifies
 correctly). Clean images of the flagged classes join every batch: the ascent lowers their logits
 everywhere, and they hold those classes in place. The relabel term (weight ``relabel_weight``;
@@ -53,6 +54,12 @@ _WARMUP_STEPS = 20  # the lr ramps up linearly: full-lr first steps knock a trai
 # is position-bound (fixed-position patches: 0.01-0.04; random-position BadNets: 0.15-0.36).
 _MOVED_SHARE = 0.1
 _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops outside the bounds
+# A checkpoint outside the bounds may still have a good model part-way back to the round's start:
+# weights fine-tuned from one start connect linearly, and part of a step that erases the trigger
+# changes fewer clean predictions. The guard halves that segment this many times (shares to 1/8).
+# On an MNIST sine-blend model whose every checkpoint broke 3% of the guard's images, a share of
+# 3/8-1/2 kept 99.7% of the erasure (test ASR 0.3%) at a test accuracy 0.3 points above the start.
+_BISECTIONS = 3
 # Below this many clean images per class (in the fit split), unlearning also anchors the model on
 # mixed copies of them, at weight w. Measured unlearning with 2 and 4 images per class, the test set
 # lost 12.8 and 2.0 points of accuracy without the copies, 1.0 and 0.4 with them. At 25 per class the
@@ -141,6 +148,13 @@ def _position_bound(triggers: TriggerSet, model: nn.Module, images: torch.Tensor
     return moved.mean(0) < _MOVED_SHARE * in_place
 
 
+@torch.no_grad()
+def _set_between(model: nn.Module, start: list[torch.Tensor], end: list[torch.Tensor], share: float) -> None:
+    """Set the model's parameters to ``start + share * (end - start)``."""
+    for p, a, b in zip(model.parameters(), start, end):
+        p.copy_(b if share == 1 else torch.lerp(a, b, share))
+
+
 def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
     """A fresh optimiser (no momentum carried over from steps that were undone)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -217,6 +231,26 @@ def unlearn(
     history = [first]
     allowance = allowed_drop(config, len(y_val))
     floor = first["clean_accuracy"] - allowance if accuracy_floor is None else accuracy_floor
+
+    def within(row: dict) -> bool:
+        return (row["clean_accuracy"] >= floor - _TOLERANCE
+                and row["broken"] <= config.max_accuracy_drop + _TOLERANCE)
+
+    def share_within(step: int) -> tuple[dict, dict] | None:
+        """The point nearest the checkpoint, on its segment back to the round's start, that is
+        within the bounds: (its score row, with ``share``, and its state), or None."""
+        end = [p.detach().clone() for p in repaired.parameters()]
+        low, high, found = 0.0, 1.0, None
+        for _ in range(_BISECTIONS):
+            share = (low + high) / 2
+            _set_between(repaired, anchor, end, share)
+            row = dict(score(step), share=share)
+            if within(row):
+                low, found = share, (row, copy.deepcopy(repaired.state_dict()))
+            else:
+                high = share
+        _set_between(repaired, anchor, end, 1.0)
+        return found
     best_state, best = copy.deepcopy(repaired.state_dict()), first
     steps_per_epoch = max(1, math.ceil(len(y_fit) / config.unlearn_batch_size))
     total = max(config.unlearn_epochs * steps_per_epoch, _MIN_STEPS)
@@ -295,19 +329,24 @@ def unlearn(
             if step % _EVAL_EVERY == 0 or step == total:
                 row = score(step)
                 history.append(row)
-                allowed = (row["clean_accuracy"] >= floor - _TOLERANCE
-                           and row["broken"] <= config.max_accuracy_drop + _TOLERANCE)
-                erased = allowed and row["trigger_asr"] <= config.asr_stop
+                candidate, state = row, None  # state None: the checkpoint itself
+                if not within(row) and (found := share_within(step)) is not None:
+                    candidate, state = found
+                    history.append(candidate)
+                allowed = within(candidate)
+                erased = allowed and candidate["trigger_asr"] <= config.asr_stop
                 # Once erased, prefer the later checkpoint: it has unlearned for longer (the margin).
-                if erased or allowed and (row["trigger_asr"], -row["clean_accuracy"]) < (
+                if erased or allowed and (candidate["trigger_asr"], -candidate["clean_accuracy"]) < (
                     best["trigger_asr"], -best["clean_accuracy"]
                 ):
-                    best, best_state = row, copy.deepcopy(repaired.state_dict())
+                    best, best_state = candidate, copy.deepcopy(repaired.state_dict()) if state is None else state
                 # A checkpoint a few images outside the bounds is only not kept: validation noise of
                 # that size must not stall unlearning. Far outside, the lr is too large for this
-                # model: go back to the best checkpoint and halve it.
-                if (row["clean_accuracy"] < floor - _BACKTRACK_SLACK * allowance - _TOLERANCE
-                        or row["broken"] > (1 + _BACKTRACK_SLACK) * config.max_accuracy_drop + _TOLERANCE):
+                # model: go back to the best checkpoint and halve it. If half the step or more is
+                # within the bounds, the step only overshoots: keep going at this lr.
+                overshoots = candidate.get("share", 0.0) >= 0.5
+                if not overshoots and (row["clean_accuracy"] < floor - _BACKTRACK_SLACK * allowance - _TOLERANCE
+                                       or row["broken"] > (1 + _BACKTRACK_SLACK) * config.max_accuracy_drop + _TOLERANCE):
                     repaired.load_state_dict(best_state)
                     lr = max(lr / 2, config.unlearn_lr * _MIN_LR_SHARE)
                     optimizer = _sgd(repaired, lr)

@@ -347,6 +347,36 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
     assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
 
 
+@pytest.mark.parametrize("bisections", [0, 3])
+def test_a_checkpoint_outside_the_bounds_gives_way_to_a_point_part_way_back_within_them(monkeypatch, bisections):
+    m = model()
+    triggers = _scan(m=m).triggers.select([1])
+    start = torch.cat([p.detach().flatten() for p in m.parameters()])
+    real, radius = unlearn_module._logits, []
+
+    def wrong_when_far(net, images, *args, **kwargs):
+        # Every answer turns wrong beyond a third of the distance the first 10 steps travel.
+        moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - start).norm().item()
+        if moved > 0 and not radius:
+            radius.append(moved / 3)
+        logits = real(net, images, *args, **kwargs)
+        return -logits if radius and moved > radius[0] else logits
+
+    monkeypatch.setattr(unlearn_module, "_logits", wrong_when_far)
+    monkeypatch.setattr(unlearn_module, "attack_success", lambda *a, **k: torch.zeros(1))  # erased anywhere
+    monkeypatch.setattr(unlearn_module, "_MIN_STEPS", 40)
+    monkeypatch.setattr(unlearn_module, "_BISECTIONS", bisections)
+    fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
+    outcome = unlearn_module.unlearn(m, triggers, fit, val, CFG.replace(unlearn_batch_size=8), num_classes=K)
+    moved = (torch.cat([p.flatten() for p in outcome.model.parameters()]) - start).norm().item()
+    if bisections == 0:  # every checkpoint is far: nothing is kept
+        assert outcome.kept_step == 0 and moved == 0
+    else:
+        shares = [row["share"] for row in outcome.history if "share" in row]
+        assert outcome.kept_step > 0 and 0 < moved <= radius[0] * (1 + 1e-4)
+        assert shares and all(0 < s < 1 for s in shares)
+
+
 def test_universal_eps_unlearns_a_perturbed_copy_of_every_batch(monkeypatch):
     m = model()
     triggers = _scan(m=m).triggers.select([1])
