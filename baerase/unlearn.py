@@ -57,8 +57,8 @@ _BACKTRACK_SLACK = 2.0  # back off only beyond this many further allowed drops o
 # A checkpoint outside the bounds may still have a good model part-way back to the round's start:
 # weights fine-tuned from one start connect linearly, and part of a step that erases the trigger
 # changes fewer clean predictions. The guard halves that segment this many times (shares to 1/8).
-# On an MNIST sine-blend model whose every checkpoint broke 3% of the guard's images, a share of
-# 3/8-1/2 kept 99.7% of the erasure (test ASR 0.3%) at a test accuracy 0.3 points above the start.
+# On an MNIST sine-blend model whose every checkpoint broke 3% of the guard's images, erase returned
+# the model unchanged (ASR 100%); with the search, ASR 0.2% at 0.1 points more test accuracy.
 _BISECTIONS = 3
 # Below this many clean images per class (in the fit split), unlearning also anchors the model on
 # mixed copies of them, at weight w. Measured unlearning with 2 and 4 images per class, the test set
@@ -251,6 +251,7 @@ def unlearn(
                 high = share
         _set_between(repaired, anchor, end, 1.0)
         return found
+
     best_state, best = copy.deepcopy(repaired.state_dict()), first
     steps_per_epoch = max(1, math.ceil(len(y_fit) / config.unlearn_batch_size))
     total = max(config.unlearn_epochs * steps_per_epoch, _MIN_STEPS)
@@ -343,7 +344,8 @@ def unlearn(
                 # A checkpoint a few images outside the bounds is only not kept: validation noise of
                 # that size must not stall unlearning. Far outside, the lr is too large for this
                 # model: go back to the best checkpoint and halve it. If half the step or more is
-                # within the bounds, the step only overshoots: keep going at this lr.
+                # within the bounds, the step only overshoots: keep going at this lr (halving it
+                # there too left an MNIST sine-blend model at 1.6% ASR instead of 0.2%).
                 overshoots = candidate.get("share", 0.0) >= 0.5
                 if not overshoots and (row["clean_accuracy"] < floor - _BACKTRACK_SLACK * allowance - _TOLERANCE
                                        or row["broken"] > (1 + _BACKTRACK_SLACK) * config.max_accuracy_drop + _TOLERANCE):
