@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 import baerase
 from baerase import Config, DivergenceError, InputError
@@ -351,12 +352,12 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them(monkeypatch):
 def test_a_checkpoint_outside_the_bounds_gives_way_to_a_point_part_way_back_within_them(monkeypatch, bisections):
     m = model()
     triggers = _scan(m=m).triggers.select([1])
-    start = torch.cat([p.detach().flatten() for p in m.parameters()])
+    start = parameters_to_vector(m.parameters()).detach()
     real, radius = unlearn_module._logits, []
 
     def wrong_when_far(net, images, *args, **kwargs):
         # Every answer turns wrong beyond a third of the distance the first 10 steps travel.
-        moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - start).norm().item()
+        moved = (parameters_to_vector(net.parameters()).detach() - start).norm().item()
         if moved > 0 and not radius:
             radius.append(moved / 3)
         logits = real(net, images, *args, **kwargs)
@@ -368,7 +369,7 @@ def test_a_checkpoint_outside_the_bounds_gives_way_to_a_point_part_way_back_with
     monkeypatch.setattr(unlearn_module, "_BISECTIONS", bisections)
     fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
     outcome = unlearn_module.unlearn(m, triggers, fit, val, CFG.replace(unlearn_batch_size=8), num_classes=K)
-    moved = (torch.cat([p.flatten() for p in outcome.model.parameters()]) - start).norm().item()
+    moved = (parameters_to_vector(outcome.model.parameters()) - start).norm().item()
     if bisections == 0:  # every checkpoint is far: nothing is kept
         assert outcome.kept_step == 0 and moved == 0
     else:
