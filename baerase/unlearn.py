@@ -232,9 +232,10 @@ def unlearn(
     allowance = allowed_drop(config, len(y_val))
     floor = first["clean_accuracy"] - allowance if accuracy_floor is None else accuracy_floor
 
-    def within(row: dict) -> bool:
-        return (row["clean_accuracy"] >= floor - _TOLERANCE
-                and row["broken"] <= config.max_accuracy_drop + _TOLERANCE)
+    def within(row: dict, slack: float = 0.0) -> bool:
+        """Inside the guard's bounds, widened by ``slack`` further allowed drops."""
+        return (row["clean_accuracy"] >= floor - slack * allowance - _TOLERANCE
+                and row["broken"] <= (1 + slack) * config.max_accuracy_drop + _TOLERANCE)
 
     def share_within(step: int) -> tuple[dict, dict] | None:
         """The point nearest the checkpoint, on its segment back to the round's start, that is
@@ -347,8 +348,7 @@ def unlearn(
                 # within the bounds, the step only overshoots: keep going at this lr (halving it
                 # there too left an MNIST sine-blend model at 1.6% ASR instead of 0.2%).
                 overshoots = candidate.get("share", 0.0) >= 0.5
-                if not overshoots and (row["clean_accuracy"] < floor - _BACKTRACK_SLACK * allowance - _TOLERANCE
-                                       or row["broken"] > (1 + _BACKTRACK_SLACK) * config.max_accuracy_drop + _TOLERANCE):
+                if not overshoots and not within(row, _BACKTRACK_SLACK):
                     repaired.load_state_dict(best_state)
                     lr = max(lr / 2, config.unlearn_lr * _MIN_LR_SHARE)
                     optimizer = _sgd(repaired, lr)
