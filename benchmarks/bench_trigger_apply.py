@@ -1,4 +1,4 @@
-"""trigger_apply / patch_apply: ref vs compile vs cpp vs triton (harness: benchmarks/conftest.py).
+"""trigger_apply: ref vs compile vs cpp vs triton (harness: benchmarks/conftest.py).
 
 CUDA shapes are a real scan's (K candidates in {10, 100, 1000}, B = 128, 3x32x32 and 3x224x224);
 K = 1000 at 224x224 needs 77 GB for its fp32 output alone and is skipped when it cannot fit. The
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import MODES, PROVIDERS, Case, case_params
 
-from baerase.ops import patch_apply, trigger_apply
-from baerase.ops.reference import patch_apply_ref, trigger_apply_ref
+from baerase.ops import trigger_apply
+from baerase.ops.reference import trigger_apply_ref
 
 
 def _apply_case(
@@ -43,23 +43,7 @@ def _apply_case(
     return Case(device, name, make, moved.__getitem__, footprint=5 * k * b * c * h * w * 4)
 
 
-def _patch_case(device: str, k: int, b: int, c: int, h: int, w: int, ph: int, pw: int) -> Case:
-    es = 4
-    image, patch, out = b * c * h * w * es, k * b * c * ph * pw * es, k * b * c * h * w * es
-
-    def make():
-        x = torch.rand(b, c, h, w, device=device)
-        p = torch.rand(k, b, c, ph, pw, device=device, requires_grad=True)
-        rows = torch.randint(0, h - ph + 1, (k, b), device=device)
-        cols = torch.randint(0, w - pw + 1, (k, b), device=device)
-        mean, std = torch.full((c,), 0.5, device=device), torch.full((c,), 0.25, device=device)
-        return (x, p, rows, cols, mean, std), (1,)
-
-    moved = {"forward": image + patch + out, "backward": out + patch, "full": image + 2 * patch + 2 * out}
-    return Case(device, f"K{k}-B{b}-{c}x{h}x{w}-p{ph}x{pw}", make, moved.__getitem__, footprint=4 * out)
-
-
-APPLY_CASES = [
+CASES = [
     _apply_case("cpu", 4, 16, 3, 32, 32),
     _apply_case("cpu", 10, 32, 3, 32, 32, mask_c=3),
     *(_apply_case("cuda", k, 128, 3, 32, 32) for k in (10, 100, 1000)),
@@ -67,22 +51,10 @@ APPLY_CASES = [
     _apply_case("cuda", 100, 128, 3, 32, 32, mask_c=3),
     _apply_case("cuda", 100, 128, 3, 32, 32, dtype=torch.bfloat16),
 ]
-PATCH_CASES = [
-    _patch_case("cpu", 4, 16, 3, 32, 32, 3, 3),
-    _patch_case("cuda", 100, 128, 3, 32, 32, 3, 3),
-    _patch_case("cuda", 1000, 128, 3, 32, 32, 5, 5),
-]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", case_params(APPLY_CASES))
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_trigger_apply(run_op, case, mode, provider):
     run_op("trigger_apply", case, provider, mode, trigger_apply_ref, trigger_apply)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", case_params(PATCH_CASES))
-def test_patch_apply(run_op, case, mode, provider):
-    run_op("patch_apply", case, provider, mode, patch_apply_ref, patch_apply)

@@ -1,14 +1,14 @@
 """Shared harness for the op benchmarks (pytest-benchmark).
 
 Every ``bench_<op>.py`` parametrises cases (device, shape, dtype), a mode (``forward``,
-``backward``, ``full``) and a provider:
+``backward``, ``full``; ops without autograd only ``forward``) and a provider:
 
-- ``ref``: the pure-PyTorch reference, eager;
+- ``ref``: the pure-PyTorch reference ``<op>_ref``, eager (autograd derives its backward);
 - ``compile``: ``torch.compile`` of the reference (on CPU only with ``BAERASE_BENCH_COMPILE=1``:
   inductor's C++ build takes longer than the CPU cases themselves);
-- ``cpp`` / ``triton``: the library op with that backend forced, run where
-  ``baerase.ops.available_backends(device)`` lists it (Triton is never timed through its CPU
-  interpreter).
+- ``cpp`` / ``triton``: the library op (the ``baerase::<op>`` custom op) with that backend forced,
+  run where the backend serves the device and has a kernel for the op (Triton is never timed
+  through its CPU interpreter).
 
 Providers that cannot run are skipped with the reason. At the end of the session a table gives, per
 case and mode, each provider's median time, its speed-up over ``ref`` measured in the same run, and
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from baerase.ops import available_backends, use_backend
+from baerase.ops import available_backends, backend_for, use_backend
 
 PROVIDERS = ("ref", "compile", "cpp", "triton")
 MODES = ("forward", "backward", "full")
@@ -102,13 +102,17 @@ def case_params(cases: Sequence[Case]) -> list:
     ]
 
 
-def _skip_reason(provider: str, case: Case) -> str | None:
+def _skip_reason(op: str, provider: str, case: Case) -> str | None:
     if provider == "compile" and case.device == "cpu" and os.environ.get("BAERASE_BENCH_COMPILE") != "1":
         return "torch.compile on CPU is opt-in (BAERASE_BENCH_COMPILE=1)"
     if provider == "triton" and case.device == "cpu":
         return "Triton on CPU runs only through its interpreter; not a benchmark"
     if provider in ("cpp", "triton") and provider not in available_backends(case.device):
         return f"backend {provider!r} unavailable on {case.device}"
+    if provider in ("cpp", "triton"):
+        with use_backend(provider):
+            if backend_for(op, case.device) != provider:
+                return f"backend {provider!r} has no kernel for {op}"
     if case.device == "cuda" and case.footprint:
         free, _ = torch.cuda.mem_get_info()
         if case.footprint > 0.8 * free:
@@ -161,7 +165,7 @@ def run_op(benchmark):
     """``run_op(op, case, provider, mode, ref_fn, op_fn)``: time one provider on one case."""
 
     def _run(op: str, case: Case, provider: str, mode: str, ref_fn: Callable, op_fn: Callable) -> None:
-        reason = _skip_reason(provider, case)
+        reason = _skip_reason(op, provider, case)
         if reason:
             pytest.skip(reason)
         torch.manual_seed(0)

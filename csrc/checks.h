@@ -1,6 +1,6 @@
 // Input checks shared by the CPU kernels: every entry point validates through these macros, so a
-// contract violation raises a Python ValueError naming the argument (baerase.ops.cpp turns it into
-// InputError) instead of reading out of bounds.
+// contract violation raises a Python ValueError naming the argument (the op's kernel in
+// baerase/ops/dispatch.py re-raises it as InputError) instead of reading out of bounds.
 #pragma once
 
 // Per-op headers instead of ATen/ATen.h: a translation unit then compiles in a fraction of the time.

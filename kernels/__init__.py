@@ -1,8 +1,8 @@
 """Triton kernels for baerase's fast-path ops (installed as ``baerase.kernels``).
 
-Each op exposes ``<op>_fwd`` / ``<op>_bwd`` launchers with the contract documented in
-``baerase/ops/README.md``; ``baerase.ops`` dispatch calls them on CUDA tensors (or on CPU tensors
-under ``TRITON_INTERPRET=1``).
+Each op exposes ``<op>_fwd`` / ``<op>_bwd`` launchers with the contract of its custom op
+(``baerase/ops/<op>.py``); the ops' CUDA kernels call them when ``baerase.ops.backend_for`` picks
+Triton (and their CPU kernels, under ``TRITON_INTERPRET=1``, when Triton is requested).
 """
 
 from .patch_apply import patch_apply_bwd, patch_apply_fwd

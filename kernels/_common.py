@@ -11,7 +11,6 @@ import triton
 from baerase.errors import InputError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def interpreting() -> bool:

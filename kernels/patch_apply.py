@@ -14,7 +14,7 @@ import triton.language as tl
 
 from baerase.errors import InputError
 
-from ._common import INDEX_DTYPES, block_for, check_float, check_stats, check_tensors, device_guard, warps_for
+from ._common import block_for, check_float, check_stats, check_tensors, device_guard, warps_for
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _patch_apply_bwd_kernel(
 
 def _check_positions(op: str, rows: torch.Tensor, cols: torch.Tensor, k: int, b: int) -> None:
     for name, t in (("rows", rows), ("cols", cols)):
-        if t.shape != (k, b) or t.dtype not in INDEX_DTYPES:
+        if t.shape != (k, b) or t.dtype != torch.int64:
             raise InputError(f"{op}: {name} must be int64 [{k}, {b}], got {t.dtype} {list(t.shape)}")
 
 
@@ -145,26 +145,25 @@ def patch_apply_fwd(
 
 
 def patch_apply_bwd(
-    grad_out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, patch_shape, std: torch.Tensor
+    grad_out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, std: torch.Tensor, h: int, w: int
 ) -> torch.Tensor:
-    """grad_out [K, B, C, H, W] -> grad_patch [K, B, C, h, w] (grad_out's dtype; autograd casts it
+    """grad_out [K, B, C, H, W] -> grad_patch [K, B, C, h, w] in grad_out's dtype (autograd casts it
     to the patch's)."""
     op = "patch_apply_bwd"
     device = check_tensors(op, grad_out=grad_out, rows=rows, cols=cols, std=std)
     check_float(op, grad_out=grad_out)
-    k, b, c, ph, pw = (int(n) for n in patch_shape)
-    if grad_out.dim() != 5 or grad_out.shape[:3] != (k, b, c):
-        raise InputError(f"{op}: grad_out must be [{k}, {b}, {c}, H, W], got {list(grad_out.shape)}")
-    h, w = grad_out.shape[3:]
+    if grad_out.dim() != 5:
+        raise InputError(f"{op}: grad_out must be [K, B, C, H, W], got {list(grad_out.shape)}")
+    k, b, c, height, width = grad_out.shape
     _check_positions(op, rows, cols, k, b)
     check_stats(op, std, std, c)
-    grad_patch = torch.empty((k, b, c, ph, pw), dtype=grad_out.dtype, device=device)
+    grad_patch = torch.empty((k, b, c, h, w), dtype=grad_out.dtype, device=device)
     if grad_patch.numel() == 0:
         return grad_patch
-    block = block_for(ph * pw)
-    grid = (k * b * c * triton.cdiv(ph * pw, block),)
+    block = block_for(h * w)
+    grid = (k * b * c * triton.cdiv(h * w, block),)
     with device_guard(device):
         _patch_apply_bwd_kernel[grid](
-            grad_out, rows, cols, std, grad_patch, c, h, w, ph, pw, BLOCK=block, num_warps=warps_for(block)
+            grad_out, rows, cols, std, grad_patch, c, height, width, h, w, BLOCK=block, num_warps=warps_for(block)
         )
     return grad_patch

@@ -36,7 +36,8 @@ def _trigger_apply_fwd_kernel(
     p_stride_b,
     BLOCK: tl.constexpr,
 ):
-    # int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest, then sample: programs resident together share one (channel, pixel block),
+    # int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest,
+    # then sample: programs resident together share one (channel, pixel block),
     # so x[:, c, blk] and the K masks/patterns of that block are read from DRAM once and then hit L2,
     # instead of x being re-read once per candidate (K times the image at 224x224).
     pid = tl.program_id(0).to(tl.int64)
@@ -149,7 +150,7 @@ def trigger_apply_fwd(
     op = "trigger_apply_fwd"
     device = check_tensors(op, x=x, mask_logits=mask_logits, pattern=pattern, mean=mean, std=std)
     k, b, c, hw, cm, per_sample = _check(op, x, mask_logits, pattern, mean, std)
-    out = torch.empty((k,) + tuple(x.shape), dtype=x.dtype, device=device)
+    out = torch.empty((k, *x.shape), dtype=x.dtype, device=device)
     if out.numel() == 0:
         return out
     block = block_for(hw)
@@ -192,8 +193,8 @@ def trigger_apply_bwd(
     )
     k, b, c, hw, cm, per_sample = _check(op, x, mask_logits, pattern, mean, std)
     check_float(op, grad_out=grad_out)
-    if grad_out.shape != (k,) + tuple(x.shape):
-        raise InputError(f"{op}: grad_out must be {[k] + list(x.shape)}, got {list(grad_out.shape)}")
+    if grad_out.shape != (k, *x.shape):
+        raise InputError(f"{op}: grad_out must be {[k, *x.shape]}, got {list(grad_out.shape)}")
     grad_mask = torch.empty_like(mask_logits)
     grad_pattern = torch.empty_like(pattern)
     if grad_mask.numel() == 0:

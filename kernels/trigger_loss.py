@@ -17,7 +17,7 @@ import triton.language as tl
 
 from baerase.errors import InputError
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_float, check_tensors, device_guard, warps_for
+from ._common import FLOAT_DTYPES, check_float, check_tensors, device_guard, warps_for
 
 # 4096 fp32 columns per tile: 16 values per thread at 8 warps, far from spilling, and Kc=100,000
 # takes 25 blocks. Small Kc packs several rows per tile instead so each program still moves ~4 KiB+.
@@ -121,7 +121,7 @@ def _check(op: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[int, in
     m, kc = logits.shape
     if kc == 0:
         raise InputError(f"{op}: logits need at least one class column")
-    if target.shape != (m,) or target.dtype not in INDEX_DTYPES:
+    if target.shape != (m,) or target.dtype != torch.int64:
         raise InputError(f"{op}: target must be int64 [{m}], got {target.dtype} {list(target.shape)}")
     return m, kc
 

@@ -1,80 +1,60 @@
-"""Masked-trigger and patch application for many candidate classes at once."""
-from __future__ import annotations
+"""trigger_apply: stamp K masked triggers onto a batch, ``normalize(x + sigmoid(m) * (p - x))``.
 
-import torch
+Custom ops ``baerase::trigger_apply`` and ``baerase::trigger_apply_backward``; contract (every
+backend): inputs contiguous; x [B, C, H, W], mask_logits [K, 1|C, H, W] and pattern [K, C, H, W]
+or [K, B, C, H, W] in any float dtype; mean/std fp32 [C]; fp32 math; the output in x's dtype and
+each gradient in its tensor's dtype.
+"""
 
-from .dispatch import backend_for, implementation
-from .reference import patch_apply_ref, trigger_apply_ref
+from torch import Tensor
 
-
-def _stats(mean: torch.Tensor | None, std: torch.Tensor | None, channels: int, device) -> tuple:
-    if mean is None:
-        return torch.zeros(channels, device=device), torch.ones(channels, device=device)
-    return mean.float().contiguous(), std.float().contiguous()
-
-
-class TriggerApplyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask_logits, pattern, mean, std, impl):
-        ctx.save_for_backward(x, mask_logits, pattern, mean, std)
-        ctx.impl = impl
-        return impl.trigger_apply_fwd(x, mask_logits, pattern, mean, std)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_mask, grad_pattern = ctx.impl.trigger_apply_bwd(grad_out.contiguous(), *ctx.saved_tensors)
-        return None, grad_mask, grad_pattern, None, None, None
+from .dispatch import in_scope, routed_op, scope
+from .reference import identity_stats, trigger_apply_backward_ref, trigger_apply_ref
 
 
-class PatchApplyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, patch, rows, cols, mean, std, impl):
-        ctx.save_for_backward(rows, cols, std)
-        ctx.patch_shape, ctx.impl = patch.shape, impl
-        return impl.patch_apply_fwd(x, patch, rows, cols, mean, std)
+@routed_op("trigger_apply", "trigger_apply_fwd", size=lambda x, mask_logits, *_: mask_logits.shape[0] * x.numel())
+def _trigger_apply(x: Tensor, mask_logits: Tensor, pattern: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return trigger_apply_ref(x, mask_logits, pattern, mean, std)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        rows, cols, std = ctx.saved_tensors
-        grad_patch = ctx.impl.patch_apply_bwd(grad_out.contiguous(), rows, cols, ctx.patch_shape, std)
-        return None, grad_patch, None, None, None, None, None
+
+@routed_op("trigger_apply_backward", "trigger_apply_bwd")
+def _trigger_apply_backward(
+    grad_out: Tensor, x: Tensor, mask_logits: Tensor, pattern: Tensor, mean: Tensor, std: Tensor
+) -> tuple[Tensor, Tensor]:
+    return trigger_apply_backward_ref(grad_out, x, mask_logits, pattern, mean, std)
+
+
+@_trigger_apply.register_fake
+def _(x, mask_logits, pattern, mean, std):
+    return x.new_empty((mask_logits.shape[0], *x.shape))
+
+
+@_trigger_apply_backward.register_fake
+def _(grad_out, x, mask_logits, pattern, mean, std):
+    return mask_logits.new_empty(mask_logits.shape), pattern.new_empty(pattern.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.scope = scope()
+
+
+def _backward(ctx, grad_out):
+    with in_scope(ctx.scope):
+        grad_mask, grad_pattern = _trigger_apply_backward(grad_out.contiguous(), *ctx.saved_tensors)
+    return None, grad_mask, grad_pattern, None, None
+
+
+_trigger_apply.register_autograd(_backward, setup_context=_setup_context)
 
 
 def trigger_apply(
-    x: torch.Tensor,
-    mask_logits: torch.Tensor,
-    pattern: torch.Tensor,
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``normalize(x + sigmoid(m) * (p - x))`` for K candidates: [B,C,H,W] -> [K,B,C,H,W].
+    x: Tensor, mask_logits: Tensor, pattern: Tensor, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
+    """``normalize(x + sigmoid(m) * (p - x))`` for K candidates: [B, C, H, W] -> [K, B, C, H, W].
 
-    mask_logits: [K, 1|C, H, W]; pattern: [K, C, H, W] or [K, B, C, H, W]; mean/std: [C] or None.
-    Gradients flow to ``mask_logits`` and ``pattern``.
+    mask_logits: [K, 1|C, H, W]; pattern: [K, C, H, W] or [K, B, C, H, W]; mean/std: [C] or None
+    (no normalisation). Gradients flow to ``mask_logits`` and ``pattern``.
     """
-    name = backend_for("trigger_apply", x.device)
-    if name == "ref":
-        return trigger_apply_ref(x, mask_logits, pattern, mean, std)
-    mean, std = _stats(mean, std, x.shape[1], x.device)
-    return TriggerApplyFunction.apply(
-        x.contiguous(), mask_logits.contiguous(), pattern.contiguous(), mean, std, implementation(name)
-    )
-
-
-def patch_apply(
-    x: torch.Tensor,
-    patch: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Paste patch [K,B,C,h,w] at (rows, cols) ([B] or [K,B]) into x [B,C,H,W] -> [K,B,C,H,W]."""
-    name = backend_for("patch_apply", x.device)
-    if name == "ref":
-        return patch_apply_ref(x, patch, rows, cols, mean, std)
-    k, b = patch.shape[:2]
-    rows = rows.expand(k, b).contiguous() if rows.dim() == 1 else rows.contiguous()
-    cols = cols.expand(k, b).contiguous() if cols.dim() == 1 else cols.contiguous()
-    mean, std = _stats(mean, std, x.shape[1], x.device)
-    return PatchApplyFunction.apply(x.contiguous(), patch.contiguous(), rows, cols, mean, std, implementation(name))
+    mean, std = identity_stats(mean, std, x)
+    return _trigger_apply(x.contiguous(), mask_logits.contiguous(), pattern.contiguous(), mean, std)

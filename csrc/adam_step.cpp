@@ -1,5 +1,5 @@
-// Batched per-class recovery bookkeeping: one call updates the parameters of all K candidate
-// generators (stacked on a leading K dimension) instead of K Python-level optimiser steps.
+// Batched per-class Adam: one call updates the parameters of all K candidate generators (stacked
+// on a leading K dimension) instead of K Python-level optimiser steps.
 //
 // Adam follows torch.optim.Adam's single-tensor arithmetic (lerp for the first moment, bias
 // corrections in double from a per-class step count) so a batched step matches K separate
@@ -39,7 +39,7 @@ BAERASE_INLINE void adam_span(float* __restrict p, float* __restrict m, float* _
 
 }  // namespace
 
-void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                        const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                        const std::vector<at::Tensor>& steps, const c10::optional<at::Tensor>& active, double lr,
                        double beta1, double beta2, double eps) {
@@ -91,30 +91,7 @@ void batched_adam_step(const std::vector<at::Tensor>& params, const std::vector<
         });
       }
     });
-    // Raw-pointer writes bypass autograd's version counters; bump them as in-place ops would, so
-    // a graph that saved these tensors before the step refuses to backpropagate stale values.
-    for (const at::Tensor* t : {&p, &m, &v, &st}) t->unsafeGetTensorImpl()->bump_version();
   }
-}
-
-void moving_average_(at::Tensor& ma, const at::Tensor& value, double rate,
-                     const c10::optional<at::Tensor>& active) {
-  BAERASE_CHECK_INPUT(ma);
-  BAERASE_CHECK_INPUT(value);
-  BAERASE_CHECK_DTYPE(ma, at::kFloat);
-  BAERASE_CHECK_DTYPE(value, at::kFloat);
-  TORCH_CHECK_VALUE(ma.sizes() == value.sizes(), "ma and value must have the same shape");
-  const int64_t K = ma.dim() == 0 ? 1 : ma.size(0);
-  const bool* act = active_ptr(active, K);
-  const int64_t per = K == 0 ? 0 : ma.numel() / K;
-  float* mp = ma.data_ptr<float>();
-  const float* vp = value.data_ptr<float>();
-  const float r = static_cast<float>(rate), keep = static_cast<float>(1.0 - rate);
-  for (int64_t k = 0; k < K; ++k) {
-    if (act && !act[k]) continue;
-    for (int64_t j = k * per; j < (k + 1) * per; ++j) mp[j] = keep * mp[j] + r * vp[j];
-  }
-  ma.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace baerase
