@@ -42,9 +42,13 @@ def _parse_kwargs(pairs: list[str]) -> dict:
 def _config(args) -> Config:
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "family", "seed", "backend", "device", "universal_eps")
+        for k in ("steps", "family", "seed", "backend", "device", "universal_eps", "threads")
         if getattr(args, k, None) is not None
     }
+    if "threads" not in changes:
+        from .threads import default_threads
+
+        changes["threads"] = default_threads()  # the CPUs this process may use, not the machine's
     if getattr(args, "classes", None):
         try:
             changes["classes"] = tuple(int(c) for c in args.classes.split(","))
@@ -132,6 +136,7 @@ def _cmd_audit(args) -> int:
     report, result = audit(model, images, labels, normalize=normalize, config=_config(args))
     _record_sources(report, args)
     print(report.summary() + "\n\n" + result.summary())
+    print("\nAudit cost (images through the suspect model):\n" + report.cost.merged(result.cost).table(report.num_classes))
     print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
     return 0 if result.verified else 3
 
@@ -189,6 +194,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")
     p.add_argument("--device", help="torch device (default: the model's)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use, "
+                   "or OMP_NUM_THREADS)")
     p.add_argument(
         "--universal-eps", type=float, help="L-inf radius of the universal perturbation per flagged class "
         "unlearned with the recovered triggers (default 0.1; 0: off)"

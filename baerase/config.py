@@ -1,27 +1,45 @@
-"""Hyper-parameters, validated once. ``Config()`` is the fast default; ``Config.paper()`` holds
-the settings of the BAERASE paper and its public code."""
+"""Hyper-parameters, validated once, in four groups: recovery, detection, unlearning, run.
+
+``Config()`` is the fast default and ``Config.paper()`` the BAERASE paper's settings. Every knob
+has one name, unique across the groups, so ``Config(steps=100)`` sets ``config.recovery.steps``;
+read settings through their group (``config.unlearning.max_accuracy_drop``).
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
 FAMILIES = ("mask", "patch")
+BACKENDS = (None, "auto", "triton", "cpp", "ref")
+
+
+def _positive_ints(group, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(group, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _in_range(group, names: tuple[str, ...], low: float, high: float, open_low: bool = False,
+              open_high: bool = False) -> None:
+    for name in names:
+        value = getattr(group, name)
+        ok = isinstance(value, (int, float)) and (low < value if open_low else low <= value) and (
+            value < high if open_high else value <= high)
+        if not ok:
+            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise ConfigError(f"{name} must be in {interval}, got {value!r}")
 
 
 @dataclass(frozen=True)
-class Config:
-    """Settings of a scan (trigger recovery + detection) and of an erase (unlearning).
+class Recovery:
+    """Step 1: one entropy-maximising trigger generator per candidate class, batched."""
 
-    Defaults are tuned for speed on CPU and hold for unseen models; ``Config.paper()`` gives the
-    paper's settings. Use ``config.replace(field=value)`` to change a few.
-    """
-
-    # Trigger recovery (one entropy-maximising generator per candidate class).
     family: str = "mask"  # "mask": x + m*(p - x) over the image; "patch": h x w patch at random positions
     patch_size: int = 3
-    steps: int = 300  # optimisation steps per candidate; None-like values are rejected
+    steps: int = 300  # optimisation steps per candidate
     batch_size: int = 32  # clean images per candidate per step
     latent_dim: int = 64
     hidden: int = 256  # generator width (paper: 2048)
@@ -33,13 +51,53 @@ class Config:
     noise_std: float = 0.1  # Gaussian noise on generated triggers while training G
     mine_hidden: int = 128
     mine_ma_rate: float = 0.001  # moving average of E[exp T] for MINE's bias-corrected gradient
-    mask_cost: float = 1e-3  # initial weight of the mask-mass penalty, adapted per class
+    mask_cost: float = 1e-3  # weight of the mask-mass penalty once a class's trigger first works
+    cost_patience: int = 5  # steps of (un)successful attack before the mask cost moves (Neural Cleanse)
+    cost_up: float = 1.5  # factor the mask cost rises by after cost_patience working steps
+    cost_down: float = 1.5**1.5  # factor it falls by after cost_patience failing steps
     success_threshold: float = 0.9  # share of samples that must flip for a trigger to "work"
     classes: tuple[int, ...] | None = None  # candidate targets; None = every class
     chunk_size: int | None = None  # candidates per batched computation; None = from memory_budget
     memory_budget: int | None = None  # bytes for one chunk's activations; None = auto-detected
+    halving: bool = False  # stop, after a third of the steps, classes that clearly cannot be outliers
+    converge_window: int = 0  # steps over which a working mask must shrink to keep its class running (0: off)
+    converge_tol: float = 0.05  # the share it must shrink by
+    # Above this many candidates, a short recovery of every class (prescreen_steps x prescreen_batch)
+    # ranks them; the prescreen_keep most easily reached get the full recovery, judged against a random
+    # sample of reference_sample others (K-Arm's pre-screening, with a sampled anomaly reference).
+    prescreen_above: int = 32
+    prescreen_steps: int = 6
+    prescreen_batch: int = 8
+    prescreen_keep: int = 10
+    reference_sample: int = 16
 
-    # Detection.
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        _positive_ints(self, ("patch_size", "steps", "batch_size", "latent_dim", "hidden", "mine_hidden",
+                              "cost_patience", "prescreen_above", "prescreen_steps", "prescreen_batch",
+                              "prescreen_keep"))
+        if not isinstance(self.reference_sample, int) or self.reference_sample < 3:
+            raise ConfigError(f"reference_sample must be an integer >= 3, got {self.reference_sample!r}")
+        if self.latent_dim < 4:
+            raise ConfigError("latent_dim must be at least 4 (it is split over the generator's 4 layers)")
+        _in_range(self, ("lr", "mask_lr"), 0, float("inf"), open_low=True)
+        _in_range(self, ("alpha", "noise_std", "mask_cost"), 0, float("inf"))
+        _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
+        _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
+        _in_range(self, ("converge_tol",), 0, 1)
+        if not isinstance(self.converge_window, int) or self.converge_window < 0:
+            raise ConfigError(f"converge_window must be an integer >= 0, got {self.converge_window!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ConfigError(f"chunk_size must be >= 1 or None, got {self.chunk_size!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Step 2: which classes are backdoored, confirmed by independent re-recoveries."""
+
     anomaly_threshold: float = 2.0  # MAD anomaly index above which a class is flagged
     min_attack_success: float = 0.5  # a flagged class's recovered trigger must flip this share
     # Mask family: a flagged class's trigger is also this many times smaller than the median class's.
@@ -47,73 +105,116 @@ class Config:
     # class can be 2-2.5x smaller and still sit past the threshold when its neighbours cluster tightly.
     min_trigger_shrink: float = 3.0
     eval_samples: int = 256  # held-out images used to score each class
+    val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
+    confirmations: int = 2  # independently seeded re-recoveries that must each reproduce a flag
+    # A repaired class's boundary stays easier to reach: after erasing a blend, the re-scan finds
+    # triggers about 3x smaller than the median while the real trigger flips under 1%.
+    verify_shrink: float = 4.0
 
-    # Unlearning.
+    def __post_init__(self) -> None:
+        _positive_ints(self, ("eval_samples",))
+        _in_range(self, ("min_attack_success",), 0, 1, open_low=True)
+        _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
+        _in_range(self, ("min_trigger_shrink", "verify_shrink"), 1, float("inf"))
+        if not isinstance(self.confirmations, int) or self.confirmations < 0:
+            raise ConfigError(f"confirmations must be an integer >= 0, got {self.confirmations!r}")
+
+
+@dataclass(frozen=True)
+class Unlearning:
+    """Step 3: guarded unlearning of the recovered triggers, then a verifying re-recovery."""
+
     unlearn_epochs: int = 20
     unlearn_lr: float = 1e-3
     unlearn_batch_size: int = 64
     alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
     relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
     # L-inf radius (pixels in [0, 1]) of a universal perturbation toward each flagged class, unlearned
-    # with the recovered triggers (0: off): it covers the rest of a whole-image (blend) trigger, of
-    # which recovery finds only a few pixels. Costs about 1.7x the unlearning time.
+    # with the recovered triggers (0: off): it covers the rest of a whole-image (blend) trigger.
     universal_eps: float = 0.1
     weight_l1: float = 1e-6  # lambda of ||theta - theta_0||_1
     max_accuracy_drop: float = 0.01  # never return a model that lost more clean accuracy
     asr_stop: float = 0.005  # stop once fresh recovered triggers flip less than this share
-    val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
-    # Share of the clean data an erase holds out for its accuracy guard and trigger checks. Half: on a
-    # few hundred images one point is a handful of images, and a smaller split turns the noise of
-    # which images flip into refused checkpoints.
+    # Share of the clean data an erase holds out for its guard: on a few hundred images one point is a
+    # handful of images, and a smaller split turns the noise of which images flip into refused checkpoints.
     guard_fraction: float = 0.5
+    erase_rounds: int = 3  # unlearn -> verify rounds before an erase is reported unverified
+    eval_every: int = 10  # optimisation steps between guard evaluations
+    margin_evals: int = 2  # erased evaluations needed after the first: one on a small split proves little
+    min_steps: int = 800  # the real trigger lags (demo Trojan, eps 0: ASR 1.7% at 400 steps, 0.2-0.8% at 800)
+    min_lr_share: float = 1 / 16  # backing off never takes the lr below this share of unlearn_lr
+    warmup_steps: int = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
+    moved_share: float = 0.1  # position-bound below this, moved/in-place (fixed patch 0.01-0.04, BadNets 0.15-0.36)
+    backtrack_slack: float = 2.0  # back off only beyond this many further allowed drops outside the bounds
+    bisections: int = 3  # halvings of the segment back to the round's start (MNIST blend: ASR 100% -> 0.2%)
+    scarce_per_class: int = 8  # fewer fit images per class: anchor mixed copies too (2/class: -12.8 -> -1.0 pt)
+    copy_weight: float = 0.1  # at 1 the copies hold part of the backdoor (BadNets: 0.6-0.8% flip, not 0.2-0.4%)
+    copy_shift: float = 1 / 8  # copies move by up to this share of the image side
 
-    # Run.
+    def __post_init__(self) -> None:
+        _positive_ints(self, ("unlearn_epochs", "unlearn_batch_size", "erase_rounds", "eval_every", "warmup_steps"))
+        for name in ("margin_evals", "min_steps", "bisections", "scarce_per_class"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        _in_range(self, ("unlearn_lr",), 0, float("inf"), open_low=True)
+        _in_range(self, ("weight_l1", "alpha_u", "relabel_weight", "backtrack_slack", "copy_weight"), 0, float("inf"))
+        _in_range(self, ("max_accuracy_drop", "asr_stop", "universal_eps", "min_lr_share", "moved_share",
+                         "copy_shift"), 0, 1)
+        _in_range(self, ("guard_fraction",), 0, 1, open_low=True, open_high=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How a run executes: none of these changes the method."""
+
     seed: int = 0
     backend: str | None = None  # "triton" | "cpp" | "ref" | None (automatic)
     device: str | None = None  # None: the model's device
     progress: bool = True
-
-    # Scale (all off by default: they change speed or memory, not the method).
     checkpoint_dir: str | None = None  # finished chunks saved here; a killed scan resumes from them
     amp: bool = False  # bf16 autocast of the suspect model's forward on CUDA (no effect on CPU)
     channels_last: bool = False  # feed the model channels-last images (convs on tensor cores prefer it)
     compile: bool = False  # torch.compile the suspect model for recovery
-    halving: bool = False  # stop, after a third of the steps, classes that clearly cannot be outliers
+    threads: int | None = None  # CPU threads while baerase runs; None: torch's setting is left alone
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        positive_ints = ("patch_size", "steps", "batch_size", "latent_dim", "hidden", "mine_hidden",
-                         "eval_samples", "unlearn_epochs", "unlearn_batch_size")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.latent_dim < 4:
-            raise ConfigError("latent_dim must be at least 4 (it is split over the generator's 4 layers)")
-        for name in ("lr", "mask_lr", "unlearn_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("alpha", "noise_std", "mask_cost", "weight_l1", "alpha_u", "relabel_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta", "success_threshold", "min_attack_success", "mine_ma_rate"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("max_accuracy_drop", "asr_stop", "universal_eps"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("val_fraction", "guard_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be >= 1 or None, got {self.chunk_size!r}")
-        if not self.min_trigger_shrink >= 1:
-            raise ConfigError(f"min_trigger_shrink must be >= 1, got {self.min_trigger_shrink!r}")
-        if self.backend not in (None, "auto", "triton", "cpp", "ref"):
+        if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be 'triton', 'cpp', 'ref' or None, got {self.backend!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
+
+
+GROUPS = {"recovery": Recovery, "detection": Detection, "unlearning": Unlearning, "run": Run}
+_OWNER = {f.name: group for group, cls in GROUPS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True, init=False)
+class Config:
+    """Settings of a scan (recovery + detection) and an erase (unlearning), and how they run.
+
+    ``Config(steps=100, seed=1)`` routes each knob to its group; ``Config(recovery=Recovery(...))``
+    takes whole groups. ``config.replace(...)`` changes a few the same ways.
+    """
+
+    recovery: Recovery
+    detection: Detection
+    unlearning: Unlearning
+    run: Run
+
+    def __init__(self, recovery: Recovery | None = None, detection: Detection | None = None,
+                 unlearning: Unlearning | None = None, run: Run | None = None, **knobs) -> None:
+        given = {"recovery": recovery, "detection": detection, "unlearning": unlearning, "run": run}
+        per_group: dict[str, dict] = {name: {} for name in GROUPS}
+        for name, value in knobs.items():
+            if name not in _OWNER:
+                raise ConfigError(f"unknown setting {name!r}; the settings are: {', '.join(sorted(_OWNER))}")
+            per_group[_OWNER[name]][name] = value
+        for name, cls in GROUPS.items():
+            group = given[name] if given[name] is not None else cls()
+            if not isinstance(group, cls):
+                raise ConfigError(f"{name} must be a baerase.config.{cls.__name__}, got {type(group).__name__}")
+            object.__setattr__(self, name, dataclasses.replace(group, **per_group[name]) if per_group[name] else group)
 
     @classmethod
     def paper(cls, **overrides) -> Config:
@@ -121,16 +222,25 @@ class Config:
         (about 200 steps on 2,500 images), SGD unlearning at lr 1e-4 with alpha_u = 100."""
         settings = {"family": "patch", "patch_size": 3, "hidden": 2048, "lr": 2e-4, "batch_size": 128,
                     "steps": 200, "alpha": 0.1, "beta": 0.5, "unlearn_lr": 1e-4, "alpha_u": 100.0,
-                    "relabel_weight": 0.0, "universal_eps": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005}
+                    "relabel_weight": 0.0, "universal_eps": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005,
+                    "unlearn_epochs": 10, "min_steps": 0}
         settings.update(overrides)
         return cls(**settings)
 
-    def replace(self, **changes) -> Config:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+    def replace(self, **knobs) -> Config:
+        """A copy with some settings changed (validated again)."""
+        return Config(self.recovery, self.detection, self.unlearning, self.run, **knobs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested by group: {"recovery": {...}, "detection": {...}, ...}."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in GROUPS}
+
+    @staticmethod
+    def from_dict(data: dict) -> Config:
+        """The inverse of ``to_dict`` (also accepts a flat dict of knobs)."""
+        if set(data) <= set(GROUPS):
+            return Config(**{k: v for group in data.values() for k, v in group.items()})
+        return Config(**data)
 
 
 PRESETS = {"fast": Config, "paper": Config.paper}

@@ -31,7 +31,7 @@ def run_demo(attack: str = "badnets", target: int = 0, out: str | None = None, o
     trigger = _attack(attack)
     print(f"Training a SmallCNN on {len(y_train)} MNIST digits with a {trigger.name} backdoor -> class {target} ...")
     torch.manual_seed(0)
-    device = config.device if config is not None and config.device is not None else "cpu"
+    device = config.run.device if config is not None and config.run.device is not None else "cpu"
     model = train_backdoored(SmallCNN(1, 10, 28).to(device), x_train, y_train, trigger, target, rate=0.2,
                              epochs=12, seed=0)
     before = clean_accuracy(model, x_test, y_test), attack_success_rate(model, x_test, y_test, trigger, target)

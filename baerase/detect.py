@@ -1,9 +1,23 @@
-"""Step 2: decide which classes are backdoored from the per-class recovery results."""
+"""Step 2: decide which classes are backdoored from the per-class recovery results.
+
+A class is flagged when its trigger is an anomaly among the classes' triggers (flag), and stays
+flagged only if independently seeded re-recoveries find it again (confirm). After an erase, the
+same judgement on a fresh recovery tells whether a backdoor is still there (verify).
+"""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from .config import Config
+from .recover import Recovery
+
+# Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
+# config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
+Rerecover = Callable[..., Recovery]
 
 _MAD_TO_STD = 1.4826  # makes the median absolute deviation a consistent estimate of a normal std
 
@@ -59,3 +73,98 @@ def is_backdoor(
 def score_values(norms: torch.Tensor, success: torch.Tensor, side: str) -> torch.Tensor:
     """The per-class values the anomaly index is computed on: log trigger mass or success."""
     return norms.float().clamp(min=1e-3).log() if side == "low" else success.float()
+
+
+def side_of(family: str) -> str:
+    """Which side of the median is suspicious: small masks, or (patch family) high success."""
+    return "low" if family == "mask" else "high"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per-class anomaly index [K], flags [K] and the smallest index a confirmation found [K]
+    (NaN where a class was not re-checked)."""
+
+    index: torch.Tensor
+    flagged: torch.Tensor
+    confirmation: torch.Tensor
+
+    def reference(self, recovery: Recovery, side: str) -> torch.Tensor:
+        """The unflagged classes' score values: the yardstick of later judgements."""
+        clean = ~self.flagged
+        return score_values(recovery.norms[clean], recovery.success[clean], side)
+
+
+def judge(recovery: Recovery, reference: torch.Tensor, config: Config, min_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anomaly index [k], found [k]) of freshly recovered classes against ``reference`` values."""
+    side = side_of(config.recovery.family)
+    values = score_values(recovery.norms, recovery.success, side)
+    index = anomaly_index(values, side, reference=reference)
+    found = is_backdoor(index, values, recovery.success, config.detection.anomaly_threshold, config.detection.min_attack_success, side,
+                        min_shrink, reference)
+    return index, found
+
+
+def detect(recovery: Recovery, rerecover: Rerecover, config: Config, reference: torch.Tensor | None = None,
+           eligible: torch.Tensor | None = None) -> Verdict:
+    """Flag the anomalous classes of ``recovery``, then keep only those that each of
+    ``config.detection.confirmations`` independently seeded re-recoveries finds again.
+
+    ``reference``: bool [K], the classes whose values give the median and spread (None: all);
+    ``eligible``: bool [K], the classes that may be flagged (None: all; pre-screened-out ones may not).
+    """
+    side, d = side_of(config.recovery.family), config.detection
+    values = score_values(recovery.norms, recovery.success, side)
+    rows = torch.ones_like(values, dtype=torch.bool) if reference is None else reference
+    eligible = torch.ones_like(rows) if eligible is None else eligible
+    index = anomaly_index(values, side, reference=values[rows])
+    flagged = is_backdoor(index, values, recovery.success, d.anomaly_threshold, d.min_attack_success, side,
+                          d.min_trigger_shrink, values[rows]) & eligible
+    confirmation = torch.full_like(index, float("nan"))  # fmin ignores the NaN of "not re-checked"
+    if not flagged.any() or (rows & ~flagged).sum() < 2:
+        return Verdict(index, flagged, confirmation)
+    # One lucky small mask is not evidence: judged against the reference classes that were not flagged.
+    reference = values[rows & ~flagged]
+    for offset in range(1, config.detection.confirmations + 1):
+        suspects = torch.nonzero(flagged).flatten()
+        if len(suspects) == 0:
+            break
+        found_again = _found_by_mass(reference, config, config.detection.min_trigger_shrink)
+        again = rerecover([recovery.targets[i] for i in suspects.tolist()], offset, None, found_again)
+        found_index, found = judge(again, reference, config, config.detection.min_trigger_shrink)
+        confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
+        flagged[suspects] = found
+    return Verdict(index, flagged, confirmation)
+
+
+def verify(targets: list[int], reference: torch.Tensor, rerecover: Rerecover, config: Config,
+           steps: int | None = None) -> tuple[Recovery, list[dict], torch.Tensor]:
+    """Recover ``targets`` afresh on a repaired model and judge each against ``reference``.
+
+    An unlearned class's boundary stays easier to reach than the clean classes', so its trigger
+    must also shrink ``config.detection.verify_shrink`` times below their median to count as still there.
+    Returns (recovery, per-class evidence, still-backdoored bool [len(targets)]).
+    """
+    shrink = max(config.detection.min_trigger_shrink, config.detection.verify_shrink)
+    again = rerecover(targets, 0, steps, _found_by_mass(reference, config, shrink))
+    index, found = judge(again, reference, config, shrink)
+    evidence = [{"target": t, "attack_success": float(s), "trigger_norm": float(n), "anomaly_index": float(a),
+                 "backdoor_found": bool(f)}
+                for t, s, n, a, f in zip(targets, again.success.tolist(), again.norms.tolist(), index.tolist(),
+                                         found.tolist())]
+    return again, evidence, found
+
+
+def _found_by_mass(reference: torch.Tensor, config: Config, min_shrink: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a recovery in progress: the classes whose smallest working mask [k] already makes them
+    an outlier against ``reference`` (their held-out success is checked after). Mask family only."""
+    if side_of(config.recovery.family) != "low":
+        return None
+
+    def found(masses: torch.Tensor) -> torch.Tensor:
+        values = score_values(masses.cpu(), torch.ones_like(masses.cpu()), "low")
+        index = anomaly_index(values, "low", reference=reference)
+        return is_backdoor(index, values, torch.ones_like(values), config.detection.anomaly_threshold, 0.0, "low",
+                           min_shrink, reference) & torch.isfinite(masses.cpu())
+
+    return found

@@ -90,3 +90,17 @@ def gather(
     sets = {r: TriggerSet.from_state(*states[r]) for r in range(world) if states[r] is not None}
     pieces = [sets[r].select(list(range(a, b))) for r, a, b in rows]
     return TriggerSet.concat(pieces).to(device), success, norms
+
+
+def gather_values(chunks: list[list[int]], mine: list[list[int]], values: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """Every rank's per-class ``values`` [k] in the order of ``chunks``, on every rank."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"chunks": mine, "values": values.detach().cpu()})
+    where = {}
+    for part in everyone:
+        offset = 0
+        for piece in part["chunks"]:
+            where[tuple(piece)] = part["values"][offset:offset + len(piece)]
+            offset += len(piece)
+    return torch.cat([where[tuple(piece)] for piece in chunks]).to(device)

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cost import Cost
 from .errors import DivergenceError, InputError
 from .recover import TriggerSet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ClassResult:
     anomaly_index: float  # MAD anomaly index of the trigger (higher = more suspicious)
     flagged: bool
     confirmation_index: float | None = None  # lowest anomaly index over independent re-recoveries (suspects)
+    steps: int | None = None  # optimisation steps its recovery ran (fewer when it converged early)
+    screened_out: bool = False  # only pre-screened (many classes): too hard to reach to be a candidate
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ScanReport:
     seconds: float
     provenance: dict = field(default_factory=dict)
     triggers: TriggerSet | None = field(default=None, repr=False)  # recovered distributions
+    cost: Cost = field(default_factory=Cost)  # images through the suspect model and seconds, per phase
 
     @property
     def flagged(self) -> list[int]:
@@ -61,6 +65,7 @@ class ScanReport:
             "backend": self.backend,
             "seconds": round(self.seconds, 3),
             "classes": [asdict(c) for c in self.classes],
+            "cost": self.cost.to_dict(),
             "config": _jsonable(self.config),
             "provenance": _jsonable(self.provenance),
         }
@@ -85,6 +90,7 @@ class ScanReport:
                 f"| {c.target} | {c.attack_success:.3f} | {c.trigger_norm:.1f} | {c.anomaly_index:.2f} | "
                 f"{'yes' if c.flagged else ''} |"
             )
+        lines += ["", "Cost (images through the suspect model):", self.cost.table(self.num_classes)]
         return "\n".join(lines)
 
     @staticmethod
@@ -113,12 +119,13 @@ class ScanReport:
             seconds=scan["seconds"],
             provenance=scan.get("provenance", {}),
             triggers=triggers,
+            cost=Cost.from_dict(scan.get("cost")),
         )
 
 
 UNCHANGED = (
     "The model is returned unchanged: no unlearning step both stayed within the accuracy guard "
-    "(config.max_accuracy_drop) and weakened the recovered triggers, so the backdoor remains. More clean "
+    "(config.unlearning.max_accuracy_drop) and weakened the recovered triggers, so the backdoor remains. More clean "
     "images, or a larger allowed drop, give unlearning room."
 )
 
@@ -138,8 +145,10 @@ class EraseResult:
     trigger_asr_after: float
     rounds: int
     seconds: float
+    num_classes: int = 0
     rolled_back: int = 0  # unlearning steps undone because they produced NaN/inf
     changed: bool = True  # False: no unlearning step was kept (see UNCHANGED); model is the input's copy
+    cost: Cost = field(default_factory=Cost)  # images through the suspect model and seconds, per phase
 
     def to_dict(self) -> dict:
         keys = (
@@ -156,6 +165,7 @@ class EraseResult:
         )
         out = {k: getattr(self, k) for k in keys}
         out["seconds"] = round(self.seconds, 3)
+        out["cost"] = self.cost.to_dict()
         return _jsonable(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -176,7 +186,7 @@ class EraseResult:
         )
         if not self.changed:
             text += f"\n{UNCHANGED}"
-        return text
+        return text + "\n\nCost (images through the suspect model):\n" + self.cost.table(self.num_classes)
 
 
 def _jsonable(value):
@@ -313,3 +323,25 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         os.replace(retired, out)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def provenance(inputs, backends: dict[str, str]) -> dict:
+    """What a reader needs to reproduce or trust a result: versions, backends, settings, hashes."""
+    import platform
+
+    from . import __version__
+    from .models.io import sha256_file, source_of
+
+    record = {
+        "baerase": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "device": str(inputs.device), "backends": dict(backends),
+        "seed": inputs.config.run.seed, "config": inputs.config.to_dict(),
+        "model_sha256": sha256_model(inputs.model), "data_sha256": sha256_tensors(inputs.images, inputs.labels),
+    }
+    if inputs.device.type == "cuda":
+        record["cuda"] = torch.version.cuda
+        record["gpu"] = torch.cuda.get_device_name(inputs.device)
+    source = source_of(inputs.model)  # set when the model came from baerase.models.load_model
+    if source is not None and os.path.isfile(source):
+        record["model_file"], record["model_file_sha256"] = source, sha256_file(source)
+    return record

@@ -3,9 +3,12 @@ the problem instead of a traceback from deep inside torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from .config import Config
 from .errors import InputError
 from .ops.reference import normalize_images
 
@@ -19,7 +22,7 @@ def check_model(model: object) -> nn.Module:
 
 
 def check_device(model: nn.Module, requested: str | torch.device | None) -> torch.device:
-    """The device to run on: ``requested`` (config.device) or the model's own. The model is never
+    """The device to run on: ``requested`` (config.run.device) or the model's own. The model is never
     moved, since that would modify the caller's object, so a mismatch is an error."""
     devices = list(dict.fromkeys(t.device for t in (*model.parameters(), *model.buffers())))
     if any(d.type == "meta" for d in devices):
@@ -34,17 +37,17 @@ def check_device(model: nn.Module, requested: str | torch.device | None) -> torc
         device = torch.device(requested)
     except (RuntimeError, TypeError) as exc:
         raise InputError(
-            f"config.device {requested!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'"
+            f"config.run.device {requested!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'"
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"config.device is {str(device)!r} but no CUDA device is available; use 'cpu'")
+            raise InputError(f"config.run.device is {str(device)!r} but no CUDA device is available; use 'cpu'")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     if devices and any(d != device for d in devices):
         raise InputError(
-            f"the model is on {own} but config.device is {device}; move the model first "
-            f"(model.to({str(device)!r})) or leave config.device unset to run on the model's device"
+            f"the model is on {own} but config.run.device is {device}; move the model first "
+            f"(model.to({str(device)!r})) or leave config.run.device unset to run on the model's device"
         )
     return device
 
@@ -139,3 +142,43 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})"
         )
     return k
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated inputs of a scan or an erase, on the run's device.
+
+    ``fit`` trains (recovery, unlearning); ``held_out`` judges (trigger success, the accuracy guard).
+    """
+
+    model: nn.Module
+    config: Config
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    num_classes: int
+    fit: tuple[torch.Tensor, torch.Tensor]
+    held_out: tuple[torch.Tensor, torch.Tensor]
+
+
+def prepare(model, images, labels, normalize, config: Config | None, held_out: float, keep: int | None = None) -> Inputs:
+    """Check every input once and split the clean data: ``held_out`` of it (at most ``keep``
+    images) judges, the rest trains. The split is stratified and seeded by ``config.run.seed``."""
+    from .data import as_tensors, split
+
+    config = Config() if config is None else config
+    if not isinstance(config, Config):
+        raise InputError(f"config must be a baerase.Config, got {type(config).__name__}")
+    model = check_model(model)
+    if labels is None:
+        images, labels = as_tensors(images)
+    images = check_images(images)
+    labels = check_labels(labels, len(images))
+    device = check_device(model, config.run.device)
+    images, labels = images.to(device), labels.to(device)
+    mean, std = check_normalize(normalize, images.shape[1], device)
+    num_classes = probe_classes(model, images, labels, mean, std)
+    (fx, fy), (vx, vy) = split(images, labels, [1 - held_out, held_out], seed=config.run.seed)
+    return Inputs(model, config, device, images, labels, mean, std, num_classes, (fx, fy), (vx[:keep], vy[:keep]))

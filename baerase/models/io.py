@@ -40,6 +40,11 @@ _PICKLE_RISK = (
 )
 
 
+def source_of(model: nn.Module) -> str | None:
+    """The file ``model`` was loaded from by ``load_model``, or None."""
+    return _SOURCES.get(model)
+
+
 def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 digest of a file's bytes, read in chunks (for the audit trail)."""
     digest = hashlib.sha256()

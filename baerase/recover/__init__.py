@@ -1,6 +1,7 @@
 """Trigger recovery: stacked generators, the MINE entropy estimator and trigger families."""
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
-from .recovery import attack_success, frozen, recover
+from .recovery import Recovery, attack_success, frozen, recover
+from .screen import Screened, recover_all
 from .triggers import TriggerSet
 
-__all__ = ["StatisticsNetwork", "TriggerGenerator", "TriggerSet", "attack_success", "frozen", "mine_estimate", "recover"]
+__all__ = ["Recovery", "StatisticsNetwork", "TriggerGenerator", "TriggerSet", "attack_success", "frozen", "mine_estimate", "recover", "recover_all", "Screened"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import cost, ops
 from ..config import Config
 from ..errors import DivergenceError
 from .generator import mine_estimate
@@ -21,8 +22,7 @@ from .triggers import TriggerSet
 
 log = logging.getLogger("baerase")
 
-_PATIENCE = 5  # steps of (un)successful attack before the mask cost moves (Neural Cleanse's rule)
-_COST_UP, _COST_DOWN = 1.5, 1.5**1.5
+_ENOUGH_EVERY = 10  # steps between checks of whether a class's question is answered
 _MAX_BAD_STEPS = 20  # non-finite steps tolerated (each skipped) before giving up
 _SEED_STRIDE = 1_000_003  # a prime: chunk seeds of nearby classes never collide for K < 10^6
 
@@ -45,12 +45,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 def plan_chunks(model: nn.Module, images: torch.Tensor, targets: list[int], config: Config,
                 mean: torch.Tensor | None = None, parts: int = 1) -> list[list[int]]:
-    """Split ``targets`` into chunks that fit ``config.memory_budget`` (or ``config.chunk_size``),
+    """Split ``targets`` into chunks that fit ``config.recovery.memory_budget`` (or ``config.recovery.chunk_size``),
     at least ``parts`` of them when there are enough targets (one per distributed rank)."""
-    chunk = config.chunk_size or plan_chunk_size(
-        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.batch_size,
-        len(targets), config.memory_budget)
-    if parts > 1 and not config.chunk_size:
+    chunk = config.recovery.chunk_size or plan_chunk_size(
+        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.recovery.batch_size,
+        len(targets), config.recovery.memory_budget)
+    if parts > 1 and not config.recovery.chunk_size:
         chunk = min(chunk, -(-len(targets) // parts))
     return [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
 
@@ -62,177 +62,217 @@ def chunk_seed(seed: int, targets: list[int]) -> int:
     return (seed + _SEED_STRIDE * int(targets[0])) % (2**63)
 
 
-def recover_scored(
+@dataclass
+class Recovery:
+    """Recovered triggers of some candidate classes and their evidence.
+
+    triggers: TriggerSet of ``targets`` in order (None on a rank other than 0 of a sharded run);
+    success [K]: share of held-out images fresh triggers flip to the class; norms [K]: trigger
+    mass (mask L1 norm or patch area); steps [K]: optimisation steps each class ran.
+    """
+
+    targets: list[int]
+    triggers: TriggerSet | None
+    success: torch.Tensor
+    norms: torch.Tensor
+    steps: torch.Tensor
+
+    def rows(self, targets: list[int]) -> torch.Tensor:
+        """Positions of ``targets`` in this recovery [len(targets)]."""
+        where = {t: i for i, t in enumerate(self.targets)}
+        return torch.tensor([where[t] for t in targets], dtype=torch.long)
+
+    def updated(self, other: Recovery) -> Recovery:
+        """This recovery with ``other``'s classes (a subset, recovered again) replacing their rows."""
+        rows = self.rows(other.targets)
+        success, norms, steps = self.success.clone(), self.norms.clone(), self.steps.clone()
+        success[rows], norms[rows], steps[rows] = other.success, other.norms, other.steps
+        triggers = self.triggers
+        if triggers is not None and other.triggers is not None:
+            state, fresh = triggers.state_dict(), other.triggers.state_dict()
+            merged = {k: v.clone() for k, v in state.items()}
+            for name, value in fresh.items():
+                if value.dim() and value.shape[0] == len(other.targets):
+                    merged[name][rows.to(value.device)] = value
+            triggers = TriggerSet.from_state(triggers.meta, merged).to(triggers.targets.device)
+        return Recovery(self.targets, triggers, success, norms, steps)
+
+
+def recover(
     model: nn.Module,
     fit: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
-    chunks: list[list[int]],
+    targets: list[int],
     config: Config,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
+    *,
+    seed_offset: int = 0,
+    steps: int | None = None,
     on_step: Callable[[int], None] | None = None,
     store=None,
-) -> tuple[TriggerSet | None, torch.Tensor]:
-    """Recover and score every chunk: (TriggerSet of all chunk targets in order, success [K]).
+    sharded: bool = False,
+    enough: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Recovery:
+    """Recover a trigger distribution for each class in ``targets`` and score it on ``val``.
 
-    Each chunk is seeded from ``chunk_seed`` and scored on ``val`` right after its recovery, and,
-    with a ``ChunkStore``, saved once finished and loaded instead of recomputed. A CUDA OOM splits
-    the chunk in two. Returns (None, empty) when ``chunks`` is empty (a rank with nothing to do).
+    fit, val: (images [N, C, H, W] in [0, 1], labels [N]) on the model's device (val None: success
+    is the best share of a training batch flipped, for a pre-screen); ``mean``/``std``
+    [C] normalise inside. Targets run in memory-budgeted chunks, each seeded by ``chunk_seed``
+    (shifted by ``seed_offset`` for an independent re-recovery), through the model as ``config``
+    asks (amp, channels_last, compile). A CUDA OOM splits the chunk in two; a ``ChunkStore`` saves
+    finished chunks and loads them instead of recomputing. ``steps`` overrides ``config.recovery.steps``.
+    ``sharded``: under torchrun, ranks split the chunks and every rank gets every class's evidence.
+    ``enough``: maps the smallest working trigger masses [k] (inf: none yet) to the classes whose
+    question is answered (bool [k]); those stop early.
     """
+    from .. import distributed
+
     device = fit[0].device
-    queue, parts, scores = [list(c) for c in chunks], [], []
+    sharded = sharded and distributed.enabled()
+    rank, world = distributed.setup(device) if sharded else (0, 1)
+    chunks = plan_chunks(model, fit[0], targets, config, mean, parts=world)
+    mine = distributed.shard(chunks, rank, world)
     forward = _forward_fn(model, config, device)
+    steps = config.recovery.steps if steps is None else steps
+    queue, parts = [list(c) for c in mine], []
     while queue:
         piece = queue.pop(0)
-        saved = store.load(piece) if store is not None else None
-        if saved is not None:
-            triggers, success = saved[0].to(device), saved[1].to(device)
-            if on_step is not None:
-                on_step(len(piece) * config.steps)
-        else:
-            try:
-                torch.manual_seed(chunk_seed(config.seed, piece))
-                # Re-stacked as ``recover`` returns it (building a TriggerSet draws initial weights), so a
-                # one-chunk scan reproduces the random stream, and the verdicts, of ``recover`` + scoring.
-                triggers = TriggerSet.concat([_recover_chunk(forward, *fit, piece, config, mean, std, on_step)])
-                success = attack_success(triggers, forward, *val, mean, std)
-            except torch.cuda.OutOfMemoryError:
-                if len(piece) == 1:
-                    raise
-                half = len(piece) // 2
-                queue[:0] = [piece[:half], piece[half:]]
-                torch.cuda.empty_cache()
-                log.warning("out of GPU memory: retrying with %d candidate classes per chunk", half)
-                continue
-            if store is not None:
-                store.save(triggers, success)
-        parts.append(triggers)
-        scores.append(success)
-    if not parts:
-        return None, torch.zeros(0, device=device)
-    return TriggerSet.concat(parts), torch.cat(scores)
+        try:
+            parts.append(_recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps,
+                                               on_step, store, enough))
+        except torch.cuda.OutOfMemoryError:
+            if len(piece) == 1:
+                raise
+            half = len(piece) // 2
+            queue[:0] = [piece[:half], piece[half:]]
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: retrying with %d candidate classes per chunk", half)
+    triggers = TriggerSet.concat([p[0] for p in parts]) if parts else None
+    success = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, device=device)
+    ran = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, device=device)
+    if sharded:
+        triggers, success, norms = distributed.gather(chunks, mine, triggers, success, device)
+        ran = distributed.gather_values(chunks, mine, ran, device)
+    else:
+        norms = triggers.norms().detach() if triggers is not None else torch.zeros(0, device=device)
+    return Recovery(targets, triggers, success.cpu(), norms.cpu(), ran.cpu())
+
+
+def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps, on_step, store, enough):
+    """(triggers, success [k], steps run [k]) of one chunk: loaded from ``store`` or computed."""
+    saved = store.load(piece) if store is not None else None
+    if saved is not None:
+        if on_step is not None:
+            on_step(len(piece) * steps)
+        triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
+        return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
+    torch.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
+    triggers, ran, peak = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
+    success = peak if val is None else attack_success(triggers, forward, *val, mean, std)
+    if store is not None:
+        store.save(triggers, success)
+    return triggers, success, ran
 
 
 def _forward_fn(model: nn.Module, config: Config, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model call used for recovery: optionally compiled, channels-last, bf16 autocast on CUDA."""
-    run = torch.compile(model) if config.compile else model
-    amp = config.amp and device.type == "cuda"
-    channels_last = config.channels_last
+    run = torch.compile(model) if config.run.compile else model
+    amp = config.run.amp and device.type == "cuda"
+    channels_last = config.run.channels_last
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return run(x).float()  # the hinge and softmax stay in fp32
-        return run(x)
+                return cost.forward(run, x).float()  # the hinge and softmax stay in fp32
+        return cost.forward(run, x)
 
     return forward
 
 
-def recover(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    targets: list[int],
-    config: Config,
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> TriggerSet:
-    """Recover a trigger distribution for each class in ``targets``.
-
-    images [N, C, H, W] in [0, 1] and labels [N] on the model's device; ``mean``/``std`` [C]
-    normalise inside. Returns the TriggerSet holding, per class, the smallest trigger that still
-    flipped ``config.success_threshold`` of a batch (mask family) or the final one (patch family).
-    """
-    chunk = len(plan_chunks(model, images, targets, config, mean)[0])
-    parts, start = [], 0
-    while start < len(targets):
-        piece = targets[start:start + chunk]
-        try:
-            parts.append(_recover_chunk(model, images, labels, piece, config, mean, std, on_step))
-            start += len(piece)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            torch.cuda.empty_cache()
-            log.warning("out of GPU memory: retrying with %d candidate classes per chunk", chunk)
-    return TriggerSet.concat(parts)
-
-
-def _recover_chunk(model, images, labels, targets, config, mean, std, on_step) -> TriggerSet:
+def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step,
+                   enough=None) -> tuple[TriggerSet, torch.Tensor]:
+    """Train one chunk's stacked generators: (TriggerSet holding, per class, the smallest trigger
+    that still flipped ``config.recovery.success_threshold`` of a batch (mask family) or the final one
+    (patch family), steps each class ran [k], best batch success [k])."""
     device = images.device
-    triggers = TriggerSet(targets, tuple(images.shape[1:]), family=config.family, patch_size=config.patch_size,
-                          latent_dim=config.latent_dim, hidden=config.hidden,
-                          mine_hidden=config.mine_hidden).to(device)
-    groups = [{"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.lr}]
-    if config.family == "mask":
-        groups.append({"params": [triggers.mask_logits], "lr": config.mask_lr})
-    # One fused update for all K stacked generators; classes stopped by halving are frozen in it.
-    optimizer = ops.BatchedAdam(groups, betas=config.betas)
-
-    k, b = len(triggers), config.batch_size
-    area = images.shape[-1] * images.shape[-2]
-    target_rows = triggers.targets.repeat_interleave(b)
-    tracker = _MaskCostTracker(k, config, device)
+    # Re-stacked (building a TriggerSet draws initial weights) so chunk results keep their random stream.
+    triggers = TriggerSet.concat([_new_triggers(targets, images, config, device)])
+    groups = [{"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.recovery.lr}]
+    if config.recovery.family == "mask":
+        groups.append({"params": [triggers.mask_logits], "lr": config.recovery.mask_lr})
+    # One fused update for all K stacked generators; stopped classes are frozen in it.
+    optimizer = ops.BatchedAdam(groups, betas=config.recovery.betas)
+    tracker = _MaskCostTracker(len(triggers), config, device)
+    budget = _Budget(len(triggers), steps, config, device, enough, _area(images))
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
     bad_steps = 0
-    # Successive halving: after a third of the budget, classes that are hopeless stop using the model.
-    halve_at = config.steps // 3 if config.halving and config.family == "mask" else -1
-    active = torch.ones(k, dtype=torch.bool, device=device)
-    peak = torch.zeros(k, device=device)
-    halved = False
-    for step in range(config.steps):
-        if step == halve_at and k > 1:
-            stopped = _hopeless(peak, triggers.norms().detach(), config.success_threshold)
-            if stopped.any():
-                active, halved = ~stopped, True
-                log.info("halving: %d of %d candidate classes stop early", int(stopped.sum()), k)
-        batch = torch.randint(0, len(labels), (b,), device=device)
-        x, y = images[batch], labels[batch]
-        # A class's own images prove nothing about its trigger: they carry no weight in its loss.
-        weight = (y.unsqueeze(0) != triggers.targets.unsqueeze(1)).float()
-        weight_sum = weight.sum(1).clamp(min=1)
-
-        z, g = triggers.sample(b, config.noise_std)
-        stamped = triggers.stamp(x, g, mean, std).flatten(0, 1)
-        if not halved:
-            logits, rows = model(stamped), target_rows
-        else:
-            keep = active.repeat_interleave(b)
-            logits, rows = model(stamped[keep]), target_rows[keep]
-        hinge, _ = ops.trigger_loss(logits, rows, config.beta)
-        attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
-        surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.mine_ma_rate)
-        norm = triggers.norms() / area
-        loss = (-attack - config.alpha * surrogate + tracker.cost * norm).sum()
-        if not torch.isfinite(loss):
+    for step in range(steps):
+        active = budget.active(step, tracker, triggers.norms().detach())
+        if active is None:
+            break
+        result = _step(forward, images, labels, triggers, tracker, active, config, mean, std)
+        if result is None:
             bad_steps += 1
             if bad_steps > _MAX_BAD_STEPS:
                 raise DivergenceError("trigger recovery kept producing NaN/inf losses; check the model and data")
             continue
-
+        loss, success = result
         with torch.no_grad():
-            flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
-            success = (flipped * weight).sum(1) / weight_sum
-            peak = torch.maximum(peak, success)
-            if config.family == "mask":
-                improved = tracker.update(success, norm.detach())
-                _keep_where(best, triggers.state_dict(), improved)
+            budget.record(success)
+            if config.recovery.family == "mask":
+                _keep_where(best, triggers.state_dict(), tracker.update(success, triggers.norms().detach() / _area(images)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step(active=active if halved else None)
+        optimizer.step(active=None if bool(active.all()) else active)
         if on_step is not None:
-            on_step(k)
-
-    if config.family == "mask":
-        # Classes that never reached the success threshold keep their last state; for a class that
-        # halving stopped (it never came near the threshold) that is its state when it stopped.
+            on_step(int(active.sum()))
+    if on_step is not None:
+        on_step(int((steps - budget.ran).sum()))  # the steps saved, so a bar still ends full
+    if config.recovery.family == "mask":
+        # A class that never reached the success threshold keeps its last state.
         _keep_where(best, triggers.state_dict(), ~tracker.found_any)
         triggers.load_state_dict(best)
-    return triggers
+    return triggers, budget.ran.cpu(), budget.peak
+
+
+def _new_triggers(targets, images, config, device) -> TriggerSet:
+    return TriggerSet(targets, tuple(images.shape[1:]), family=config.recovery.family, patch_size=config.recovery.patch_size,
+                      latent_dim=config.recovery.latent_dim, hidden=config.recovery.hidden, mine_hidden=config.recovery.mine_hidden).to(device)
+
+
+def _area(images: torch.Tensor) -> int:
+    return images.shape[-1] * images.shape[-2]
+
+
+def _step(forward, images, labels, triggers, tracker, active, config, mean, std):
+    """The loss of one optimisation step and each class's batch success [k] (0 for stopped
+    classes), or None when the loss is not finite."""
+    k, b = len(triggers), config.recovery.batch_size
+    batch = torch.randint(0, len(labels), (b,), device=images.device)
+    x, y = images[batch], labels[batch]
+    # A class's own images prove nothing about its trigger: they carry no weight in its loss.
+    weight = (y.unsqueeze(0) != triggers.targets.unsqueeze(1)).float()
+    weight_sum = weight.sum(1).clamp(min=1)
+    z, g = triggers.sample(b, config.recovery.noise_std)
+    stamped = triggers.stamp(x, g, mean, std).flatten(0, 1)
+    rows = triggers.targets.repeat_interleave(b)
+    if not bool(active.all()):
+        keep = active.repeat_interleave(b)
+        stamped, rows = stamped[keep], rows[keep]
+    logits = forward(stamped)
+    hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
+    attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
+    surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
+    loss = (-attack - config.recovery.alpha * surrogate + tracker.cost * triggers.norms() / _area(images)).sum()
+    if not torch.isfinite(loss):
+        return None
+    with torch.no_grad():
+        flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
+        success = (flipped * weight).sum(1) / weight_sum
+    return loss, success
 
 
 def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -244,11 +284,48 @@ def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.T
     return full
 
 
-def _hopeless(peak: torch.Tensor, norms: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Classes to stop: their trigger never flipped half of what counts as working (peak [K]) and
-    their mask is larger than the chunk's median (norms [K]). Detection flags only a working trigger
-    whose mask is an outlier *below* the median: such a class is far from it on both counts."""
-    return (peak < 0.5 * threshold) & (norms > norms.median())
+class _Budget:
+    """Which candidate classes still pass images through the model, step by step.
+
+    Answered (``enough``): a class whose question is answered (a confirmation that found the
+    trigger again) stops. Halving (``config.recovery.halving``): at a third of the steps, a class whose trigger never flipped
+    half the success threshold and whose mask is above the chunk's median stops; detection only
+    flags a working trigger far below the median. Convergence (``config.recovery.converge_window``): a
+    class whose smallest working mask shrank by less than ``config.recovery.converge_tol`` over the last
+    window stops; more steps would only refine a value the verdict does not hinge on.
+    """
+
+    def __init__(self, k: int, steps: int, config: Config, device: torch.device, enough=None, area: int = 1) -> None:
+        mask = config.recovery.family == "mask"
+        self.enough, self.area = (enough if mask else None), area
+        self.halve_at = steps // 3 if config.recovery.halving and mask and k > 1 else -1
+        self.window = config.recovery.converge_window if mask else 0
+        self.tol, self.threshold = config.recovery.converge_tol, config.recovery.success_threshold
+        self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
+        self.peak = torch.zeros(k, device=device)
+        self.ran = torch.zeros(k, dtype=torch.long, device=device)
+        self.last_best: torch.Tensor | None = None
+
+    def active(self, step: int, tracker: _MaskCostTracker, norms: torch.Tensor) -> torch.Tensor | None:
+        """bool [k] of the classes that run this step; None once every class has stopped."""
+        if step == self.halve_at:
+            hopeless = (self.peak < 0.5 * self.threshold) & (norms > norms.median()) & ~self.stopped
+            self.stopped |= hopeless
+            log.info("halving: %d of %d candidate classes stop early", int(hopeless.sum()), len(norms))
+        if self.enough is not None and step and step % _ENOUGH_EVERY == 0:
+            self.stopped |= self.enough(tracker.best_norm * self.area).to(self.stopped.device)
+        if self.window and step and step % self.window == 0:
+            best = tracker.best_norm.clone()
+            if self.last_best is not None:
+                self.stopped |= tracker.found_any & (best > self.last_best * (1 - self.tol))
+            self.last_best = best
+        if bool(self.stopped.all()):
+            return None
+        self.ran += ~self.stopped
+        return ~self.stopped
+
+    def record(self, success: torch.Tensor) -> None:
+        self.peak = torch.maximum(self.peak, success)
 
 
 def _keep_where(best: dict, current: dict, rows: torch.Tensor) -> None:
@@ -269,7 +346,9 @@ class _MaskCostTracker:
 
     def __init__(self, k: int, config: Config, device: torch.device) -> None:
         self.cost = torch.zeros(k, device=device)
-        self.initial, self.threshold = config.mask_cost, config.success_threshold
+        self.initial, self.threshold = config.recovery.mask_cost, config.recovery.success_threshold
+        self.patience, self.factor_up, self.factor_down = (config.recovery.cost_patience, config.recovery.cost_up,
+                                                           config.recovery.cost_down)
         self.up = torch.zeros(k, device=device)
         self.down = torch.zeros(k, device=device)
         self.found_any = torch.zeros(k, dtype=torch.bool, device=device)
@@ -281,10 +360,10 @@ class _MaskCostTracker:
         self.found_any |= works
         self.up = torch.where(works, self.up + 1, torch.zeros_like(self.up))
         self.down = torch.where(works, torch.zeros_like(self.down), self.down + 1)
-        raise_cost = self.found_any & (self.up >= _PATIENCE)
-        lower_cost = self.found_any & (self.down >= _PATIENCE)
-        self.cost = torch.where(raise_cost, self.cost * _COST_UP, self.cost)
-        self.cost = torch.where(lower_cost, self.cost / _COST_DOWN, self.cost)
+        raise_cost = self.found_any & (self.up >= self.patience)
+        lower_cost = self.found_any & (self.down >= self.patience)
+        self.cost = torch.where(raise_cost, self.cost * self.factor_up, self.cost)
+        self.cost = torch.where(lower_cost, self.cost / self.factor_down, self.cost)
         self.up = torch.where(raise_cost, torch.zeros_like(self.up), self.up)
         self.down = torch.where(lower_cost, torch.zeros_like(self.down), self.down)
         improved = works & (norm < self.best_norm)
@@ -313,7 +392,7 @@ def attack_success(
         if len(y) < 2:  # the generator's batch statistics need two samples
             x, y = images[-2:], labels[-2:]
         _, g = triggers.sample(len(y))
-        logits = model(triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1))
+        logits = cost.forward(model, triggers.stamp(x, g, mean, std, shift=shift).flatten(0, 1))
         pred = logits.argmax(1).view(k, -1)
         # A NaN/inf output proves nothing about the trigger: count it as a success, never as erased.
         broken = ~torch.isfinite(logits).all(1).view(k, -1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.train import Normalize, _check_data, _device, normalizer
+from baerase.attacks.train import Normalize, _check_data, _device, normalizer
 
 DEFENSES: dict[str, Callable[..., nn.Module]] = {}
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks.train import Normalize, _device, clean_accuracy, normalizer
+from baerase.attacks.train import Normalize, _device, clean_accuracy, normalizer
+
 from .common import feature_layers, finish, prepare, train_epochs
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks.train import Normalize
+from baerase.attacks.train import Normalize
+
 from .common import finish, prepare, train_epochs
 
 

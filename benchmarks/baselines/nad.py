@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.train import Normalize
+from baerase.attacks.train import Normalize
+
 from .common import feature_layers, finish, prepare, train_epochs
 from .fine_tune import fine_tune
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.train import Normalize, _check_data, _device, normalizer
+from baerase.attacks.train import Normalize, _check_data, _device, normalizer
+
 from .common import finish, prepare, train_epochs
 
 _MAD_TO_STD = 1.4826
@@ -139,7 +140,7 @@ def reverse_engineer(
                     (model(norm(xs + masks[j] * (patterns[j] - xs))).argmax(1) == t).float().mean().item()
                 )
     finally:
-        for p, r in zip(model.parameters(), grads):
+        for p, r in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
     masks_t, patterns_t = masks.cpu(), patterns.cpu()
@@ -147,7 +148,7 @@ def reverse_engineer(
     median = norms.median()
     mad = ((norms - median).abs().median() * _MAD_TO_STD).clamp(min=1e-6)
     index = ((median - norms) / mad).clamp(min=0)
-    flagged = [t for t, a in zip(targets, index.tolist()) if a > threshold]
+    flagged = [t for t, a in zip(targets, index.tolist(), strict=True) if a > threshold]
     return NCReport(
         masks=masks_t,
         patterns=patterns_t,

@@ -10,9 +10,9 @@ import torch
 
 import baerase
 from baerase import attacks as A
-from baerase import baselines as B
 from baerase.data import load_dataset, load_mnist, make_colour, split
 from baerase.models import ResNet18, SmallCNN
+from benchmarks import baselines as B
 
 from .grid import ABLATIONS, Cell
 
@@ -129,7 +129,7 @@ def _art_nc(model, x, y, seed):
         from art.defences.transformer.poisoning import NeuralCleanse
         from art.estimators.classification import PyTorchClassifier
     except ImportError as exc:
-        raise Skip(f"adversarial-robustness-toolbox not installed ({exc.name})") from None
+        raise DefenseUnavailableError(f"adversarial-robustness-toolbox not installed ({exc.name})") from None
     k = int(model(x[:1]).shape[1])
     clf = PyTorchClassifier(
         model,
@@ -141,13 +141,13 @@ def _art_nc(model, x, y, seed):
     try:
         defence = NeuralCleanse(clf)
     except NotImplementedError as exc:  # ART 1.x: Keras only
-        raise Skip(f"ART NeuralCleanse refuses a PyTorch model: {exc}") from None
+        raise DefenseUnavailableError(f"ART NeuralCleanse refuses a PyTorch model: {exc}") from None
     fixed = defence(clf, steps=200)
     flagged = [int(c) for c in getattr(fixed, "flagged_classes", [])]
     return fixed.model, flagged, {}
 
 
-class Skip(Exception):
+class DefenseUnavailableError(Exception):
     """A defense that cannot run here (optional dependency missing or unsupported)."""
 
 
@@ -188,7 +188,7 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print, only: set[str] | No
         t0 = time.perf_counter()
         try:
             fixed, flagged, extra = defense_fn(name)(model, *defend_xy, cell.seed)
-        except Skip as exc:
+        except DefenseUnavailableError as exc:
             row["defenses"][name] = {"skipped": str(exc)}
             log(f"  {name}: skipped ({exc})")
             continue

@@ -1,0 +1,64 @@
+"""Pre-screening for many classes: a short recovery of every class picks the few worth a full one."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .recovery import Recovery, recover
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A scan's recovery of every class; ``reference`` (bool [K]) marks the classes whose values
+    judge the others and ``recovered`` (bool [K]) those fully recovered (both None: every class)."""
+
+    recovery: Recovery
+    reference: torch.Tensor | None
+    recovered: torch.Tensor | None
+
+
+def recover_all(model: nn.Module, fit, val, targets: list[int], config: Config, mean=None, std=None, *,
+                on_step: Callable[[int], None] | None = None, store_for=None) -> Screened:
+    """The scan's recovery of ``targets``.
+
+    Up to ``prescreen_above`` targets, every class gets the full recovery and all of them form the
+    anomaly reference (None). Above it, every class first runs ``prescreen_steps`` steps on
+    ``prescreen_batch`` images; the ``prescreen_keep`` most easily reached and a seeded random sample
+    of ``reference_sample`` others then get the full recovery, and that sample alone is the
+    reference: its classes were chosen blind, so their median and spread are those of a typical
+    class. ``store_for(stage)`` gives the checkpoint store of each stage (or None).
+    """
+    r = config.recovery
+    store_for = store_for or (lambda stage: None)
+    if len(targets) <= r.prescreen_above:
+        full = recover(model, fit, val, targets, config, mean, std, on_step=on_step, store=store_for("full"),
+                       sharded=True)
+        return Screened(full, None, None)
+    quick = config.replace(batch_size=r.prescreen_batch)
+    screening = recover(model, fit, None, targets, quick, mean, std, steps=r.prescreen_steps, on_step=on_step,
+                        store=store_for("screen"), sharded=True)
+    keep, sample = pick(screening, config)
+    focus = sorted(keep + sample)
+    full = recover(model, fit, val, focus, config, mean, std, on_step=on_step, store=store_for("focus"), sharded=True)
+    reference, recovered = torch.zeros(len(targets), dtype=torch.bool), torch.zeros(len(targets), dtype=torch.bool)
+    reference[screening.rows(sample)] = True
+    recovered[screening.rows(focus)] = True
+    return Screened(screening.updated(full), reference, recovered)
+
+
+def pick(screening: Recovery, config: Config) -> tuple[list[int], list[int]]:
+    """(the classes most easily reached, a random sample of the others) from a short recovery:
+    classes whose trigger worked come first, smallest mask first; then the rest, most flipped first."""
+    r = config.recovery
+    works = screening.success >= r.success_threshold
+    key = torch.where(works, screening.norms.clamp(min=1e-3).log(), 1e6 - screening.success)
+    order = torch.argsort(key, stable=True).tolist()
+    keep = [screening.targets[i] for i in order[: r.prescreen_keep]]
+    rest = [screening.targets[i] for i in order[r.prescreen_keep:]]
+    generator = torch.Generator().manual_seed(config.run.seed)
+    chosen = torch.randperm(len(rest), generator=generator)[: r.reference_sample].tolist()
+    return keep, sorted(rest[i] for i in chosen)

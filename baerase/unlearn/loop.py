@@ -1,0 +1,170 @@
+"""The unlearning loop: triggered batches, the loss's step, the guard's evaluations."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, Unlearning
+from ..recover import TriggerSet
+from .batch import TriggeredBatches
+from .guard import Guard, _logits
+from .loss import UnlearnLoss
+
+
+@dataclass
+class UnlearnOutcome:
+    """The guarded model and the record of how it got there."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)  # one row per guard evaluation
+    accuracy_before: float = 0.0
+    accuracy_after: float = 0.0
+    trigger_asr_before: float = 0.0
+    trigger_asr_after: float = 0.0
+    steps: int = 0
+    rolled_back: int = 0  # steps undone because they produced NaN/inf
+    kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
+
+
+@contextmanager
+def _fixed(triggers: nn.Module) -> Iterator[None]:
+    """No gradients into the triggers' parameters for the duration; the caller's flags are restored."""
+    flags = [p.requires_grad for p in triggers.parameters()]
+    for p in triggers.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(triggers.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with gradients on, in eval mode: BatchNorm statistics must not drift toward
+    triggered inputs."""
+    repaired = copy.deepcopy(model)
+    repaired.eval()
+    for p in repaired.parameters():
+        p.requires_grad_(True)
+    return repaired
+
+
+@torch.no_grad()
+def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.Tensor:
+    """The original's log-probabilities on the fit, then the val images: soft targets that hold the clean
+    function (a few hundred labels alone overfit), and the images it got right, which no checkpoint may break."""
+    return F.log_softmax(_logits(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
+
+
+class _Schedule:
+    """SGD on the model with a linear warm-up; a non-finite step is undone and halves the lr."""
+
+    def __init__(self, model: nn.Module, lr: float, settings: Unlearning) -> None:
+        self.model, self.base_lr, self.lr, self.settings = model, lr, lr, settings
+        self.optimizer = self._sgd()
+        self.rolled_back = 0
+
+    def _sgd(self) -> torch.optim.SGD:
+        """A fresh optimiser (no momentum carried over from steps that were undone)."""
+        return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
+
+    def step(self, loss: torch.Tensor, step: int) -> None:
+        """One update from ``loss`` at optimisation step ``step`` (0-based)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * min(1.0, (step + 1) / self.settings.warmup_steps)
+        snapshot = [p.detach().clone() for p in self.model.parameters()]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            with torch.no_grad():
+                for p, s in zip(self.model.parameters(), snapshot, strict=True):
+                    p.copy_(s)
+            self.lr /= 2
+            self.optimizer = self._sgd()
+            self.rolled_back += 1
+
+    def back_off(self, state: dict) -> float:
+        """Return to the checkpoint ``state`` and halve the lr (never below its floor); the new lr."""
+        self.model.load_state_dict(state)
+        self.lr = max(self.lr / 2, self.base_lr * self.settings.min_lr_share)
+        self.optimizer = self._sgd()
+        return self.lr
+
+
+def unlearn(
+    model: nn.Module,
+    triggers: TriggerSet,
+    fit: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: Config,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    accuracy_floor: float | None = None,
+    original: nn.Module | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> UnlearnOutcome:
+    """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
+
+    fit, val: (images [N, C, H, W] in [0, 1], labels [N]) for the updates and for the guard.
+    A checkpoint is only returned if its validation accuracy is at least ``accuracy_floor``
+    (default: the starting accuracy minus ``config.unlearning.max_accuracy_drop``) and it breaks at most
+    ``max_accuracy_drop`` of the clean images ``original`` (default ``model``) got right.
+    ``on_step(n)`` is called after every n optimisation steps (progress).
+    """
+    settings = config.unlearning
+    repaired = _trainable_copy(model)
+    with _fixed(triggers):
+        anchor = [p.detach().clone() for p in repaired.parameters()]
+        schedule = _Schedule(repaired, config.unlearning.unlearn_lr, settings)
+        reference = model if original is None else original
+        reference_logp = _answers(reference, fit, val, mean, std)
+        guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
+                      accuracy_floor=accuracy_floor)
+        scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
+        loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
+                              reference if scarce else None, mean, std)
+        steps_per_epoch = max(1, math.ceil(len(fit[1]) / config.unlearning.unlearn_batch_size))
+        total = max(config.unlearning.unlearn_epochs * steps_per_epoch, settings.min_steps)
+        generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
+        batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
+        history, step = [guard.first], 0
+        while not guard.finished(step, total):
+            for batch in batches.epoch(generator):
+                inputs = batches.build(batch, step, generator)
+                terms = loss_of(repaired, inputs, generator)
+                batches.update_universal(terms.target_nll, terms.valid)
+                schedule.step(terms.total, step)
+                step += 1
+                if on_step is not None:
+                    on_step(1)
+                if step % settings.eval_every == 0 or step == total:
+                    row = dict(guard.score(step), **terms.floats())
+                    rows, back_off = guard.accept(row)
+                    history += rows
+                    if back_off:
+                        row["backtracked_to_lr"] = schedule.back_off(guard.best_state)
+                    if guard.finished(step, total):
+                        break
+    return _outcome(repaired, guard, history, step, schedule.rolled_back)
+
+
+def _outcome(repaired: nn.Module, guard: Guard, history: list[dict], steps: int, rolled_back: int) -> UnlearnOutcome:
+    """The repaired model at the guard's best checkpoint, frozen, and the record."""
+    repaired.load_state_dict(guard.best_state)
+    for p in repaired.parameters():
+        p.requires_grad_(False)
+    first, best = guard.first, guard.best
+    return UnlearnOutcome(
+        model=repaired, history=history, accuracy_before=first["clean_accuracy"],
+        accuracy_after=best["clean_accuracy"], trigger_asr_before=first["trigger_asr"],
+        trigger_asr_after=best["trigger_asr"], steps=steps, rolled_back=rolled_back, kept_step=best["step"],
+    )

@@ -1,0 +1,241 @@
+"""Unlearning's parts through their interfaces: the guard, the batch builder, the loss terms, the
+settings, and the triggers' gradient flags."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from baerase import Config, ConfigError
+from baerase.recover import TriggerSet
+from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, UnlearnSettings, unlearn
+
+torch.set_num_threads(1)
+
+K = 3
+CFG = Config(steps=5, hidden=16, mine_hidden=8, unlearn_batch_size=4, progress=False)
+
+
+def linear() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, K))
+
+
+def triggers(targets=(1,)) -> TriggerSet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TriggerSet(list(targets), (1, 4, 4), hidden=16, mine_hidden=8)
+
+
+def labelled(net: nn.Module, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and the labels ``net`` gives them (it starts 100% right)."""
+    x = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, net(x).argmax(1)
+
+
+def guard(net: nn.Module, config: Config = CFG, **kw) -> Guard:
+    fit, val = labelled(net, 12, 1), labelled(net, 20, 2)
+    with torch.no_grad():
+        logp = torch.log_softmax(net(torch.cat([fit[0], val[0]])), 1)
+    start = [p.detach().clone() for p in net.parameters()]
+    return Guard(net, triggers(), fit, val, config, None, None, reference_logp=logp, start=start, **kw)
+
+
+def negate(net: nn.Module) -> None:
+    """Every answer of the linear model turns around (its argmax becomes the argmin)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.neg_()
+
+
+# ---- the guard ---------------------------------------------------------------------------------
+
+
+def test_guard_scores_the_start_and_bounds_the_loss_by_the_allowance():
+    g = guard(linear())
+    assert g.first["step"] == 0 and g.first["clean_accuracy"] == 1.0 and g.first["broken"] == 0.0
+    assert g.allowance == pytest.approx(1 / 20)  # one of 20 validation images: more than max_accuracy_drop
+    assert g.floor == pytest.approx(1.0 - 1 / 20)
+    row = {"clean_accuracy": g.floor, "broken": 0.0}
+    assert g.within(row)
+    assert not g.within(dict(row, clean_accuracy=g.floor - g.allowance / 2))
+    assert g.within(dict(row, clean_accuracy=g.floor - g.allowance / 2), slack=1.0)
+    assert not g.within(dict(row, broken=2 * CFG.max_accuracy_drop))
+    assert g.within(dict(row, broken=2 * CFG.max_accuracy_drop), slack=1.0)
+    assert guard(linear(), accuracy_floor=0.5).floor == 0.5
+
+
+def test_guard_keeps_an_erased_checkpoint_within_the_bounds():
+    net = linear()
+    g = guard(net, CFG.replace(asr_stop=1.0))  # every checkpoint counts as erased
+    with torch.no_grad():
+        net[1].bias.add_(1e-3)  # a step that changes no answer
+    row = g.score(10)
+    rows, back_off = g.accept(row)
+    assert rows == [row] and not back_off
+    assert g.best is row and g.erased_evals == 1
+    assert torch.equal(g.best_state["1.bias"], net[1].bias)
+    assert not g.finished(10, total=100)  # the margin is not reached yet
+    for step in (20, 30):
+        g.accept(g.score(step))
+    assert not g.finished(30, total=100)  # erased past the margin, but under min_steps
+    assert g.finished(100, total=100)
+    short = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(min_steps=30))
+    for step in (10, 20):
+        short.accept(short.score(step))
+        assert not short.finished(step, total=100)
+    short.accept(short.score(30))
+    assert short.finished(30, total=100)
+
+
+@pytest.mark.parametrize("bisections", [0, 1, 3])
+def test_guard_bisects_back_toward_the_start_for_a_checkpoint_far_outside(bisections):
+    net = linear()
+    g = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(bisections=bisections))
+    start = [p.detach().clone() for p in net.parameters()]
+    negate(net)  # the segment back: (1 - 2 s) * theta_0, right for s < 1/2, wrong beyond
+    end = [p.detach().clone() for p in net.parameters()]
+    row = g.score(10)
+    assert row["clean_accuracy"] == 0.0 and not g.within(row)
+    rows, back_off = g.accept(row)
+    assert back_off  # far outside, and no half-step or more within
+    assert all(torch.equal(p, e) for p, e in zip(net.parameters(), end, strict=True))  # left at the checkpoint
+    expected = {0: None, 1: None, 3: 0.375}[bisections]  # shares tried: 1/2 (all answers tie), 1/4, 3/8
+    if expected is None:
+        assert rows == [row] and g.best is g.first
+    else:
+        assert rows[0] is row and rows[1]["share"] == expected and g.best is rows[1]
+        kept = [g.best_state[name] for name in ("1.weight", "1.bias")]
+        assert all(torch.allclose(k, torch.lerp(a, b, expected)) for k, a, b in zip(kept, start, end, strict=True))
+
+
+def test_guard_does_not_back_off_when_half_the_step_is_within():
+    net = linear()
+    g = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(bisections=1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(-0.5)  # the segment back: (1 - 1.5 s) * theta_0, wrong at the end, right at s = 1/2
+    row = g.score(10)
+    rows, back_off = g.accept(row)
+    assert not g.within(row) and len(rows) == 2 and rows[1]["share"] == 0.5 and not back_off
+
+
+# ---- the batch builder -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("eps", "parts"), [(0.0, 1), (0.1, 2)])
+def test_batch_builder_shapes(eps, parts):
+    net, t = linear(), triggers((1, 2))
+    fit, val = labelled(net, 10, 1), labelled(net, 8, 2)
+    batches = TriggeredBatches(t, net, fit, val, CFG.replace(universal_eps=eps))
+    generator = torch.Generator().manual_seed(0)
+    epoch = list(batches.epoch(generator))
+    assert [len(b) for b in epoch] == [4, 4, 2]
+    for step, batch in enumerate(epoch):
+        inputs = batches.build(batch, step, generator)
+        b = len(batch)
+        held = b + b // 2 if bool(torch.isin(fit[1], t.targets).any()) else b
+        assert inputs.parts == parts and len(inputs.held) == held and inputs.images.shape == (held, 1, 4, 4)
+        assert torch.equal(inputs.labels, fit[1][inputs.held])
+        assert inputs.triggered.shape == (parts * 2 * b, 1, 4, 4)
+        assert inputs.targets.tolist() == ([1] * b + [2] * b) * parts
+        assert torch.equal(inputs.true_labels, fit[1][batch].repeat(2 * parts))
+
+
+def test_batch_builder_skips_a_lone_image_and_steps_the_universal_perturbation_inside_its_ball():
+    net, t = linear(), triggers()
+    fit, val = labelled(net, 9, 1), labelled(net, 8, 2)
+    batches = TriggeredBatches(t, net, fit, val, CFG.replace(universal_eps=0.1))
+    generator = torch.Generator().manual_seed(0)
+    epoch = list(batches.epoch(generator))
+    assert [len(b) for b in epoch] == [4, 4]  # 9 = 4 + 4 + 1: the lone image is skipped
+    inputs = batches.build(epoch[0], 0, generator)
+    nll = torch.nn.functional.cross_entropy(net(inputs.triggered), inputs.targets, reduction="none")
+    batches.update_universal(nll, torch.ones_like(nll))
+    assert batches.universal.abs().max().item() == pytest.approx(0.1 / 4) and not batches.universal.requires_grad
+
+
+# ---- the loss ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scarce", [False, True])
+def test_loss_terms_add_up_to_the_total(scarce):
+    net, t = linear(), triggers()
+    fit, val = labelled(net, 8, 1), labelled(net, 8, 2)
+    config = CFG.replace(alpha_u=3.0, relabel_weight=0.5, weight_l1=0.1)
+    batches = TriggeredBatches(t, net, fit, val, config)
+    generator = torch.Generator().manual_seed(0)
+    inputs = batches.build(next(batches.epoch(generator)), 0, generator)
+    anchor = [p.detach().clone() + 0.01 for p in net.parameters()]
+    with torch.no_grad():
+        fit_logp = torch.log_softmax(net(fit[0]), 1)
+    settings = UnlearnSettings()
+    original = linear()
+    negate(original)  # copies anchor to a model that answers otherwise: the term is not 0
+    loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None, settings=settings)
+    terms = loss(net, inputs, generator)
+    held = terms.clean + settings.copy_weight * terms.copy_anchor if scarce else terms.clean
+    expected = (config.unlearning.alpha_u * held - terms.ascent + config.unlearning.relabel_weight * terms.relabel
+                + config.unlearning.weight_l1 * terms.drift)
+    assert torch.allclose(terms.total, expected)
+    assert (terms.copy_anchor is not None) == scarce
+    assert 0 <= terms.ascent <= inputs.parts * math.log(2 * K)  # each part's mean, clipped at the cap
+    assert terms.drift.item() == pytest.approx(0.01 * sum(p.numel() for p in net.parameters()), rel=1e-4)
+    assert terms.target_nll.shape == terms.valid.shape == (len(inputs.targets),)
+    values = terms.floats()
+    assert set(values) == {f"loss_{n}" for n in ("clean", "copy_anchor", "ascent", "relabel", "drift", "total")}
+    assert values["loss_total"] == pytest.approx(terms.total.item()) and (values["loss_copy_anchor"] > 0) == scarce
+    terms.total = terms.total * math.nan
+    assert terms.floats()["loss_total"] is None  # a non-finite step logs None, which JSON can hold
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_trigger_flags():
+    net, t = linear(), triggers()
+    t.mask_logits.requires_grad_(False)
+    flags = [p.requires_grad for p in t.parameters()]
+    fit, val = labelled(net, 12, 1), labelled(net, 12, 2)
+    config = CFG.replace(unlearn_epochs=1)  # 3 steps, raised to min_steps
+    outcome = unlearn(net, t, fit, val, config, num_classes=K, settings=UnlearnSettings(min_steps=20, eval_every=5))
+    assert [row["step"] for row in outcome.history if "share" not in row] == [0, 5, 10, 15, 20]
+    assert "loss_total" not in outcome.history[0]
+    assert all("loss_ascent" in row for row in outcome.history[1:] if "share" not in row)
+    assert [p.requires_grad for p in t.parameters()] == flags
+    assert not any(p.requires_grad for p in outcome.model.parameters())
+
+
+class _Fails(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if torch.is_grad_enabled():  # an unlearning step
+            raise RuntimeError("boom")
+        return self.net(x)
+
+
+def test_unlearn_restores_the_callers_trigger_flags_after_an_exception():
+    net, t = linear(), triggers()
+    t.generator.requires_grad_(False)  # the caller's mixed flags
+    flags = [p.requires_grad for p in t.parameters()]
+    assert any(flags) and not all(flags)
+    fit, val = labelled(net, 12, 1), labelled(net, 12, 2)
+    with pytest.raises(RuntimeError, match="boom"):
+        unlearn(_Fails(net), t, fit, val, CFG, num_classes=K, settings=UnlearnSettings(min_steps=10))
+    assert [p.requires_grad for p in t.parameters()] == flags
+
+
+def test_settings_are_frozen_and_checked():
+    settings = UnlearnSettings()
+    assert (settings.eval_every, settings.min_steps, settings.bisections) == (10, 800, 3)
+    with pytest.raises(AttributeError):
+        settings.min_steps = 1
+    for bad in ({"eval_every": 0}, {"warmup_steps": 0}, {"copy_weight": -1.0}):
+        with pytest.raises(ConfigError):
+            UnlearnSettings(**bad)
