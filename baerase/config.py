@@ -39,21 +39,22 @@ class Recovery:
 
     family: str = "mask"  # "mask": x + m*(p - x) over the image; "patch": h x w patch at random positions
     patch_size: int = 3
-    steps: int = 300  # optimisation steps per candidate
-    batch_size: int = 32  # clean images per candidate per step
+    steps: int = 100  # optimisation steps per candidate
+    batch_size: int = 12  # clean images per candidate per step
     latent_dim: int = 64
     hidden: int = 256  # generator width (paper: 2048)
     lr: float = 1e-3  # Adam lr of the generator and statistics network (paper: 2e-4)
-    mask_lr: float = 0.1  # Adam lr of the mask logits (mask family)
+    mask_lr: float = 0.2  # Adam lr of the mask logits (mask family)
+    mask_init: float = 0.5  # initial mask value at every pixel (mask family)
     betas: tuple[float, float] = (0.5, 0.999)
     alpha: float = 0.1  # weight of the entropy (mutual information) term
     beta: float = 0.5  # hinge: target probability above beta earns nothing more
     noise_std: float = 0.1  # Gaussian noise on generated triggers while training G
     mine_hidden: int = 128
     mine_ma_rate: float = 0.001  # moving average of E[exp T] for MINE's bias-corrected gradient
-    mask_cost: float = 1e-3  # weight of the mask-mass penalty once a class's trigger first works
+    mask_cost: float = 1e-2  # weight of the mask-mass penalty once a class's trigger first works
     cost_patience: int = 5  # steps of (un)successful attack before the mask cost moves (Neural Cleanse)
-    cost_up: float = 1.5  # factor the mask cost rises by after cost_patience working steps
+    cost_up: float = 2.0  # factor the mask cost rises by after cost_patience working steps
     cost_down: float = 1.5**1.5  # factor it falls by after cost_patience failing steps
     success_threshold: float = 0.9  # share of samples that must flip for a trigger to "work"
     classes: tuple[int, ...] | None = None  # candidate targets; None = every class
@@ -84,6 +85,7 @@ class Recovery:
         _in_range(self, ("lr", "mask_lr"), 0, float("inf"), open_low=True)
         _in_range(self, ("alpha", "noise_std", "mask_cost"), 0, float("inf"))
         _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
+        _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
         _in_range(self, ("converge_tol",), 0, 1)
         if not isinstance(self.converge_window, int) or self.converge_window < 0:
@@ -126,7 +128,7 @@ class Unlearning:
 
     unlearn_epochs: int = 20
     unlearn_lr: float = 1e-3
-    unlearn_batch_size: int = 64
+    unlearn_batch_size: int = 32
     alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
     relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
     # L-inf radius (pixels in [0, 1]) of a universal perturbation toward each flagged class, unlearned
@@ -139,9 +141,9 @@ class Unlearning:
     # handful of images, and a smaller split turns the noise of which images flip into refused checkpoints.
     guard_fraction: float = 0.5
     erase_rounds: int = 3  # unlearn -> verify rounds before an erase is reported unverified
-    eval_every: int = 10  # optimisation steps between guard evaluations
+    eval_every: int = 20  # optimisation steps between guard evaluations
     margin_evals: int = 2  # erased evaluations needed after the first: one on a small split proves little
-    min_steps: int = 800  # the real trigger lags (demo Trojan, eps 0: ASR 1.7% at 400 steps, 0.2-0.8% at 800)
+    min_steps: int = 200  # the real trigger lags the recovered ones: unlearn at least this long
     min_lr_share: float = 1 / 16  # backing off never takes the lr below this share of unlearn_lr
     warmup_steps: int = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
     moved_share: float = 0.1  # position-bound below this, moved/in-place (fixed patch 0.01-0.04, BadNets 0.15-0.36)

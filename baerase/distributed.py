@@ -104,3 +104,12 @@ def gather_values(chunks: list[list[int]], mine: list[list[int]], values: torch.
             where[tuple(piece)] = part["values"][offset:offset + len(piece)]
             offset += len(piece)
     return torch.cat([where[tuple(piece)] for piece in chunks]).to(device)
+
+
+def check_ranks(model, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+    """Under torchrun, every rank must scan the same model and data: their results are gathered."""
+    from .report import sha256_model, sha256_tensors
+
+    if enabled():
+        setup(device)
+        check_same_inputs(f"{sha256_model(model)}:{sha256_tensors(images, labels)}")

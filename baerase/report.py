@@ -94,6 +94,23 @@ class ScanReport:
         return "\n".join(lines)
 
     @staticmethod
+    def of_scan(inputs, screened, verdict, cost: Cost, backends: dict[str, str], seconds: float) -> ScanReport:
+        """The report of a scan: ``screened`` (recover.Screened) holds every class's evidence and
+        ``verdict`` (detect.Verdict) the flags; ``backends`` the op backends that ran."""
+        cfg, recovery = inputs.config, screened.recovery
+        full = [True] * len(recovery.targets) if screened.recovered is None else screened.recovered.tolist()
+        columns = zip(recovery.targets, recovery.success.tolist(), recovery.norms.tolist(), verdict.index.tolist(),
+                      verdict.flagged.tolist(), verdict.confirmation.tolist(), recovery.steps.tolist(), full)
+        classes = [ClassResult(target=t, attack_success=s, trigger_norm=n, anomaly_index=a, flagged=bool(f),
+                               confirmation_index=None if c != c else c, steps=int(r), screened_out=not whole)
+                   for t, s, n, a, f, c, r, whole in columns]
+        stamp_op = "trigger_apply" if cfg.recovery.family == "mask" else "patch_apply"
+        return ScanReport(classes=classes, num_classes=inputs.num_classes, image_shape=tuple(inputs.images.shape[1:]),
+                          family=cfg.recovery.family, backend=backends.get(stamp_op, "ref"), config=cfg.to_dict(),
+                          seconds=seconds, provenance=provenance(inputs, backends), triggers=recovery.triggers,
+                          cost=cost)
+
+    @staticmethod
     def load(directory: str | os.PathLike) -> ScanReport:
         """Read a report written by ``write_outputs`` (with its recovered triggers)."""
         directory = Path(directory)

@@ -3,6 +3,8 @@ the problem instead of a traceback from deep inside torch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -162,15 +164,36 @@ class Inputs:
     fit: tuple[torch.Tensor, torch.Tensor]
     held_out: tuple[torch.Tensor, torch.Tensor]
 
+    @contextmanager
+    def running(self) -> Iterator[dict[str, str]]:
+        """Seeded, with the requested backend and threads, without touching the caller's global RNG;
+        yields the backend of each op that ran (filled as they run)."""
+        from . import ops
+        from .threads import using_threads
+
+        run = self.config.run
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), ops.use_backend(run.backend), using_threads(run.threads), \
+                ops.record_backends() as used:
+            torch.manual_seed(run.seed)
+            yield used
+
+
+def check_config(config: object) -> Config:
+    """``config`` itself, or ``Config()`` for None; anything else is an error that names it."""
+    if config is None:
+        return Config()
+    if not isinstance(config, Config):
+        raise InputError(f"config must be a baerase.Config, got {type(config).__name__}")
+    return config
+
 
 def prepare(model, images, labels, normalize, config: Config | None, held_out: float, keep: int | None = None) -> Inputs:
     """Check every input once and split the clean data: ``held_out`` of it (at most ``keep``
     images) judges, the rest trains. The split is stratified and seeded by ``config.run.seed``."""
     from .data import as_tensors, split
 
-    config = Config() if config is None else config
-    if not isinstance(config, Config):
-        raise InputError(f"config must be a baerase.Config, got {type(config).__name__}")
+    config = check_config(config)
     model = check_model(model)
     if labels is None:
         images, labels = as_tensors(images)

@@ -1,4 +1,4 @@
-"""Reference architectures: a small CNN for 28x28 digits and a CIFAR-style ResNet-18."""
+"""Reference architectures: a small CNN for 28x28 digits, a CIFAR-style ResNet-18 and an ImageNet-style ResNet-50."""
 
 from __future__ import annotations
 
@@ -85,7 +85,67 @@ class ResNet18(nn.Module):
         return self.linear(self.features(x))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, with batch norm and an identity (or
+    1x1 projection) shortcut: torchvision's ResNet-50 v1.5 block."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1):
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet-style ResNet-50: 7x7 stride-2 stem and 3x3 max-pool, then [3, 4, 6, 3] bottleneck blocks.
+
+    Maps ``[N, in_channels, H, W]`` (224x224 on ImageNet; small sides such as 16 or 32 work thanks
+    to the adaptive pooling) to logits ``[N, num_classes]``. ``width`` is the first stage's bottleneck
+    width (stages: width, 2, 4, 8 x width; outputs 4x that): 64 is torchvision's layout, about
+    25.6 M parameters with 1000 classes; ``width=8`` gives a net small enough for CPU runs.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        if not isinstance(width, int) or width < 1:
+            raise InputError(f"ResNet50: width must be a positive integer, got {width!r}")
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            planes = width * 2**i
+            stage = [Bottleneck(cin, planes, 1 if i == 0 else 2)]
+            cin = planes * Bottleneck.expansion
+            stage += [Bottleneck(cin, planes) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(cin, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled last-stage activations ``[N, 32 * width]``."""
+        out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "resnet18": ResNet18, "resnet50": ResNet50}
 
 
 def build(name: str, **kwargs) -> nn.Module:

@@ -41,8 +41,15 @@ def activation_bytes_per_image(model: nn.Module, image: torch.Tensor) -> int:
 
 
 def plan_chunk_size(model: nn.Module, image: torch.Tensor, batch_size: int, candidates: int,
-                    budget: int | None) -> int:
-    """Largest number of candidates whose [chunk * batch_size] images fit in ``budget`` bytes."""
+                    budget: int | None, trigger_bytes: int = 0) -> int:
+    """Largest number of candidates whose [chunk * batch_size] images, and whose own trigger
+    networks (``trigger_bytes`` each), fit in ``budget`` bytes."""
     budget = default_budget(image.device) if budget is None else budget
-    per_candidate = activation_bytes_per_image(model, image[:1]) * batch_size
+    per_candidate = activation_bytes_per_image(model, image[:1]) * batch_size + trigger_bytes
     return int(max(1, min(candidates, budget // max(per_candidate, 1))))
+
+
+def trigger_bytes(parameters: int) -> int:
+    """Bytes one candidate's trigger networks take while trained: fp32 weights, gradients and
+    Adam's two moments."""
+    return 16 * parameters

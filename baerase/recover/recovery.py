@@ -17,7 +17,7 @@ from .. import cost, ops
 from ..config import Config
 from ..errors import DivergenceError
 from .generator import mine_estimate
-from .memory import plan_chunk_size
+from .memory import plan_chunk_size, trigger_bytes
 from .triggers import TriggerSet
 
 log = logging.getLogger("baerase")
@@ -47,9 +47,11 @@ def plan_chunks(model: nn.Module, images: torch.Tensor, targets: list[int], conf
                 mean: torch.Tensor | None = None, parts: int = 1) -> list[list[int]]:
     """Split ``targets`` into chunks that fit ``config.recovery.memory_budget`` (or ``config.recovery.chunk_size``),
     at least ``parts`` of them when there are enough targets (one per distributed rank)."""
-    chunk = config.recovery.chunk_size or plan_chunk_size(
-        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), config.recovery.batch_size,
-        len(targets), config.recovery.memory_budget)
+    r = config.recovery
+    per_class = sum(p.numel() for p in _new_triggers(targets[:1], images, config, torch.device("meta")).parameters())
+    chunk = r.chunk_size or plan_chunk_size(
+        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), r.batch_size, len(targets),
+        r.memory_budget, trigger_bytes(per_class))
     if parts > 1 and not config.recovery.chunk_size:
         chunk = min(chunk, -(-len(targets) // parts))
     return [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
@@ -83,19 +85,12 @@ class Recovery:
         return torch.tensor([where[t] for t in targets], dtype=torch.long)
 
     def updated(self, other: Recovery) -> Recovery:
-        """This recovery with ``other``'s classes (a subset, recovered again) replacing their rows."""
+        """This recovery with ``other``'s classes (a subset, recovered again) replacing their rows;
+        the triggers are ``other``'s (a pre-screen keeps none)."""
         rows = self.rows(other.targets)
         success, norms, steps = self.success.clone(), self.norms.clone(), self.steps.clone()
         success[rows], norms[rows], steps[rows] = other.success, other.norms, other.steps
-        triggers = self.triggers
-        if triggers is not None and other.triggers is not None:
-            state, fresh = triggers.state_dict(), other.triggers.state_dict()
-            merged = {k: v.clone() for k, v in state.items()}
-            for name, value in fresh.items():
-                if value.dim() and value.shape[0] == len(other.targets):
-                    merged[name][rows.to(value.device)] = value
-            triggers = TriggerSet.from_state(triggers.meta, merged).to(triggers.targets.device)
-        return Recovery(self.targets, triggers, success, norms, steps)
+        return Recovery(self.targets, other.triggers, success, norms, steps)
 
 
 def recover(
@@ -113,18 +108,21 @@ def recover(
     store=None,
     sharded: bool = False,
     enough: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep_triggers: bool = True,
 ) -> Recovery:
     """Recover a trigger distribution for each class in ``targets`` and score it on ``val``.
 
     fit, val: (images [N, C, H, W] in [0, 1], labels [N]) on the model's device (val None: success
-    is the best share of a training batch flipped, for a pre-screen); ``mean``/``std``
+    is the mean target probability, clipped at beta, over the steps: a pre-screen's measure of how
+    easily the class is reached); ``mean``/``std``
     [C] normalise inside. Targets run in memory-budgeted chunks, each seeded by ``chunk_seed``
     (shifted by ``seed_offset`` for an independent re-recovery), through the model as ``config``
     asks (amp, channels_last, compile). A CUDA OOM splits the chunk in two; a ``ChunkStore`` saves
     finished chunks and loads them instead of recomputing. ``steps`` overrides ``config.recovery.steps``.
     ``sharded``: under torchrun, ranks split the chunks and every rank gets every class's evidence.
     ``enough``: maps the smallest working trigger masses [k] (inf: none yet) to the classes whose
-    question is answered (bool [k]); those stop early.
+    question is answered (bool [k]); those stop early. ``keep_triggers=False`` drops each chunk's
+    triggers once scored (a pre-screen of many classes keeps only their evidence).
     """
     from .. import distributed
 
@@ -139,8 +137,9 @@ def recover(
     while queue:
         piece = queue.pop(0)
         try:
-            parts.append(_recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps,
-                                               on_step, store, enough))
+            part = _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps, on_step,
+                                         store, enough)
+            parts.append(part if keep_triggers else (None, *part[1:], part[0].norms().detach()))
         except torch.cuda.OutOfMemoryError:
             if len(piece) == 1:
                 raise
@@ -148,9 +147,12 @@ def recover(
             queue[:0] = [piece[:half], piece[half:]]
             torch.cuda.empty_cache()
             log.warning("out of GPU memory: retrying with %d candidate classes per chunk", half)
-    triggers = TriggerSet.concat([p[0] for p in parts]) if parts else None
+    triggers = TriggerSet.concat([p[0] for p in parts]) if parts and keep_triggers else None
     success = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, device=device)
     ran = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, device=device)
+    if not keep_triggers:
+        norms = torch.cat([p[3] for p in parts]) if parts else torch.zeros(0, device=device)
+        return Recovery(targets, None, success.cpu(), norms.cpu(), ran.cpu())
     if sharded:
         triggers, success, norms = distributed.gather(chunks, mine, triggers, success, device)
         ran = distributed.gather_values(chunks, mine, ran, device)
@@ -168,8 +170,8 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
         triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
         return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
     torch.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
-    triggers, ran, peak = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
-    success = peak if val is None else attack_success(triggers, forward, *val, mean, std)
+    triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
+    success = reach if val is None else attack_success(triggers, forward, *val, mean, std)
     if store is not None:
         store.save(triggers, success)
     return triggers, success, ran
@@ -196,7 +198,7 @@ def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, o
                    enough=None) -> tuple[TriggerSet, torch.Tensor]:
     """Train one chunk's stacked generators: (TriggerSet holding, per class, the smallest trigger
     that still flipped ``config.recovery.success_threshold`` of a batch (mask family) or the final one
-    (patch family), steps each class ran [k], best batch success [k])."""
+    (patch family), steps each class ran [k], mean clipped target probability of its batches [k])."""
     device = images.device
     # Re-stacked (building a TriggerSet draws initial weights) so chunk results keep their random stream.
     triggers = TriggerSet.concat([_new_triggers(targets, images, config, device)])
@@ -219,9 +221,9 @@ def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, o
             if bad_steps > _MAX_BAD_STEPS:
                 raise DivergenceError("trigger recovery kept producing NaN/inf losses; check the model and data")
             continue
-        loss, success = result
+        loss, success, attack = result
         with torch.no_grad():
-            budget.record(success)
+            budget.record(success, attack, active)
             if config.recovery.family == "mask":
                 _keep_where(best, triggers.state_dict(), tracker.update(success, triggers.norms().detach() / _area(images)))
         optimizer.zero_grad(set_to_none=True)
@@ -235,12 +237,13 @@ def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, o
         # A class that never reached the success threshold keeps its last state.
         _keep_where(best, triggers.state_dict(), ~tracker.found_any)
         triggers.load_state_dict(best)
-    return triggers, budget.ran.cpu(), budget.peak
+    return triggers, budget.ran.cpu(), budget.reach / budget.ran.clamp(min=1)
 
 
 def _new_triggers(targets, images, config, device) -> TriggerSet:
     return TriggerSet(targets, tuple(images.shape[1:]), family=config.recovery.family, patch_size=config.recovery.patch_size,
-                      latent_dim=config.recovery.latent_dim, hidden=config.recovery.hidden, mine_hidden=config.recovery.mine_hidden).to(device)
+                      latent_dim=config.recovery.latent_dim, hidden=config.recovery.hidden, mine_hidden=config.recovery.mine_hidden,
+                      mask_init=config.recovery.mask_init).to(device)
 
 
 def _area(images: torch.Tensor) -> int:
@@ -272,7 +275,7 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     with torch.no_grad():
         flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
         success = (flipped * weight).sum(1) / weight_sum
-    return loss, success
+    return loss, success, attack.detach()
 
 
 def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -304,6 +307,7 @@ class _Budget:
         self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
         self.peak = torch.zeros(k, device=device)
         self.ran = torch.zeros(k, dtype=torch.long, device=device)
+        self.reach = torch.zeros(k, device=device)
         self.last_best: torch.Tensor | None = None
 
     def active(self, step: int, tracker: _MaskCostTracker, norms: torch.Tensor) -> torch.Tensor | None:
@@ -324,8 +328,10 @@ class _Budget:
         self.ran += ~self.stopped
         return ~self.stopped
 
-    def record(self, success: torch.Tensor) -> None:
+    def record(self, success: torch.Tensor, attack: torch.Tensor, active: torch.Tensor) -> None:
+        """One step's batch success and clipped target probability [k] of the classes ``active``."""
         self.peak = torch.maximum(self.peak, success)
+        self.reach += attack * active
 
 
 def _keep_where(best: dict, current: dict, rows: torch.Tensor) -> None:

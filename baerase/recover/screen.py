@@ -40,7 +40,7 @@ def recover_all(model: nn.Module, fit, val, targets: list[int], config: Config, 
         return Screened(full, None, None)
     quick = config.replace(batch_size=r.prescreen_batch)
     screening = recover(model, fit, None, targets, quick, mean, std, steps=r.prescreen_steps, on_step=on_step,
-                        store=store_for("screen"), sharded=True)
+                        store=store_for("screen"), sharded=True, keep_triggers=False)
     keep, sample = pick(screening, config)
     focus = sorted(keep + sample)
     full = recover(model, fit, val, focus, config, mean, std, on_step=on_step, store=store_for("focus"), sharded=True)
@@ -51,14 +51,21 @@ def recover_all(model: nn.Module, fit, val, targets: list[int], config: Config, 
 
 
 def pick(screening: Recovery, config: Config) -> tuple[list[int], list[int]]:
-    """(the classes most easily reached, a random sample of the others) from a short recovery:
-    classes whose trigger worked come first, smallest mask first; then the rest, most flipped first."""
+    """(the classes most easily reached, a random sample of the others) from a short recovery,
+    ranked by the target probability its triggers reached (every mask starts alike, so the class
+    the model is most easily pushed to ranks first)."""
     r = config.recovery
-    works = screening.success >= r.success_threshold
-    key = torch.where(works, screening.norms.clamp(min=1e-3).log(), 1e6 - screening.success)
-    order = torch.argsort(key, stable=True).tolist()
+    order = torch.argsort(-screening.success, stable=True).tolist()
     keep = [screening.targets[i] for i in order[: r.prescreen_keep]]
     rest = [screening.targets[i] for i in order[r.prescreen_keep:]]
     generator = torch.Generator().manual_seed(config.run.seed)
     chosen = torch.randperm(len(rest), generator=generator)[: r.reference_sample].tolist()
     return keep, sorted(rest[i] for i in chosen)
+
+
+def planned_steps(config: Config, k: int) -> int:
+    """The most recovery steps a scan of ``k`` classes takes (classes that stop early take fewer)."""
+    r = config.recovery
+    if k <= r.prescreen_above:
+        return k * r.steps
+    return k * r.prescreen_steps + min(k, r.prescreen_keep + r.reference_sample) * r.steps

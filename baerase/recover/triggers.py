@@ -1,6 +1,8 @@
 """Recovered trigger distributions for a set of candidate target classes."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,7 @@ class TriggerSet(nn.Module):
         latent_dim: int = 64,
         hidden: int = 256,
         mine_hidden: int = 128,
+        mask_init: float = 0.5,
     ) -> None:
         super().__init__()
         channels, height, width = image_shape
@@ -39,9 +42,9 @@ class TriggerSet(nn.Module):
         self.stats = StatisticsNetwork(k, latent_dim, out, mine_hidden)
         self.register_buffer("moving_avg", torch.full((k,), float("nan")))
         if family == "mask":
-            # Start from a half-opaque mask over the whole image: every class is reachable at first,
-            # then the mass penalty shrinks the mask to what the class really needs.
-            self.mask_logits = nn.Parameter(torch.zeros(k, 1, height, width))
+            # Start from a faint mask over the whole image: it grows where a class needs it until the
+            # trigger works, then the mass penalty shrinks it to what the class really needs.
+            self.mask_logits = nn.Parameter(torch.full((k, 1, height, width), math.log(mask_init / (1 - mask_init))))
 
     @property
     def family(self) -> str:
