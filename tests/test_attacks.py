@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import assert_same_state, snapshot
 from torch import nn
 
 from baerase.attacks import (
@@ -44,13 +45,7 @@ def data():
     return synth(512), synth(256, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small convolutions run faster single-threaded than with thread hand-offs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- stamping ---------------------------------------------------------------------------------
@@ -219,7 +214,7 @@ def test_train_classifier_seeded_and_eval_mode(data):
         models.append(train_classifier(SmallCNN(1, 4, 16), x[:128], y[:128], epochs=1, seed=1))
     a, b = models
     assert not a.training
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert_same_state(a, b)
 
 
 # --- attacks end to end ---------------------------------------------------------------------------
@@ -262,10 +257,10 @@ def test_optimise_trojan_trigger_excites_neurons(data):
     (x, y), (xt, yt) = data
     torch.manual_seed(0)
     clean = train_classifier(SmallCNN(1, 4, 16), x, y, epochs=2, lr=3e-3)
-    before = {k: v.clone() for k, v in clean.state_dict().items()}
+    before = snapshot(clean)
     start = TrojanWatermark(size=5, pattern=torch.full((1, 5, 5), 0.5))
     trig = optimise_trojan_trigger(clean, x[:64], start, neurons=2, steps=40)
-    assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items()), "model unchanged"
+    assert_same_state(before, clean)
     assert len(trig.neurons) == 2 and trig.pattern.shape == (1, 5, 5)
     assert trig.pattern.min() >= 0 and trig.pattern.max() <= 1
     with torch.no_grad():

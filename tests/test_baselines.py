@@ -2,51 +2,39 @@
 
 import pytest
 import torch
+from helpers import assert_same_state, snapshot
 from torch import nn
 
-from baerase import baselines as B
-from baerase.attacks import BadNets, attack_success_rate, train_backdoored
-from baerase.data import make_colour
-from baerase.models import SmallCNN
+from baerase.attacks import attack_success_rate
+from benchmarks import baselines as B
 
-
-@pytest.fixture(scope="module")
-def backdoored():
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x, y = make_colour(4, per_class=60, side=8, seed=0)
-    trig = BadNets(2, "corner", seed=0)
-    model = train_backdoored(SmallCNN(3, 4, 8), x, y, trig, 0, rate=0.2, epochs=8, seed=0)
-    return model, x, y, trig
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(B.DEFENSES))
 def test_defense_returns_a_copy_and_leaves_input_alone(backdoored, name):
-    model, x, y, _ = backdoored
-    before = _state(model)
+    model, (x, y) = backdoored.model, backdoored.clean
+    before = snapshot(model)
     kwargs = {"steps": 20} if name == "neural_cleanse" else {}
     if name == "nad":
         kwargs["teacher_epochs"] = 1
     out = B.DEFENSES[name](model, x[:64], y[:64], epochs=1, **kwargs)
     assert out is not model and not out.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert out(x[:5]).shape == (5, 4)
+    assert_same_state(before, model)
+    assert out(x[:5]).shape == (5, 8)
 
 
 def test_fine_tune_reduces_attack_success(backdoored):
-    model, x, y, trig = backdoored
-    asr = attack_success_rate(model, x, y, trig, 0)
+    model, trig, target = backdoored.model, backdoored.trigger, backdoored.target
+    x, y = backdoored.clean
+    asr = attack_success_rate(model, x, y, trig, target)
     tuned = B.fine_tune(model, x, y, epochs=3, lr=0.05)
     assert asr > 0.5
-    assert attack_success_rate(tuned, x, y, trig, 0) <= asr
+    assert attack_success_rate(tuned, x, y, trig, target) <= asr
 
 
 def test_fine_prune_masks_the_most_dormant_channels(backdoored):
-    model, x, y, _ = backdoored
+    model, (x, y) = backdoored.model, backdoored.clean
     assert B.feature_layers(model, x) == ["c1", "c2"]
     out = B.fine_prune(model, x, y, epochs=0, max_drop=1.0, max_ratio=0.5)
     keep = out.c2[1].keep.flatten()

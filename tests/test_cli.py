@@ -11,27 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers import TinyNet
 
 from baerase import Config, cli
 from baerase.models import save_model
 
 torch.set_num_threads(1)
 
-
-class TinyNet(nn.Module):
-    """Named by the tests as ``test_cli:TinyNet`` (a user's own ``module:callable`` architecture)."""
-
-    def __init__(self, num_classes: int = 4):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
-ARCH = f"{__name__}:TinyNet"
+ARCH = "helpers:TinyNet"  # a user's own ``module:callable`` architecture
 
 
 @pytest.fixture(autouse=True)
@@ -90,13 +77,34 @@ def test_audit_never_modifies_the_model_file_and_records_hashes(files, tmp_path,
         "--seed",
         1,
     )
-    assert code in (0, 3), err
+    # An untrained model has no backdoor: nothing is flagged, the erase is trivially verified, exit 0.
+    assert code == 0, err
     assert (sha256(model), os.stat(model).st_mtime_ns) == before
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["scan"]["flagged"] == [] and report["erase"]["verified"] is True
     prov = report["scan"]["provenance"]
     assert prov["model_file_sha256"] == before[0] and prov["data_file_sha256"] == sha256(data)
-    assert prov["seed"] == 1 and prov["config"]["steps"] == 5
+    assert prov["seed"] == 1 and prov["config"]["recovery"]["steps"] == 5
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_audit_exits_3_when_the_erase_is_not_verified(files, tmp_path, capsys, monkeypatch):
+    import baerase.api
+
+    real_erase = baerase.api.erase
+
+    def unverified(*args, **kwargs):  # as when the re-scan still finds a backdoor after every round
+        result = real_erase(*args, **kwargs)
+        result.verified = False
+        return result
+
+    monkeypatch.setattr(baerase.api, "erase", unverified)
+    model, data = files
+    out = tmp_path / "out"
+    code, err = run(capsys, "audit", model, "--arch", ARCH, "--data", data, "--out", out, "--steps", 5, "--quiet")
+    assert code == 3, err
+    assert json.loads((out / "report.json").read_text())["erase"]["verified"] is False
+    assert (out / "model.safetensors").is_file()  # the (unverified) result is still written for inspection
 
 
 def test_existing_out_needs_overwrite_and_is_checked_before_the_work(files, tmp_path, capsys, monkeypatch):
@@ -223,7 +231,7 @@ def test_model_file_without_read_permission(files, capsys):
         (["--normalize", "x"], "--normalize wants MEAN:STD"),
         (["--normalize", "0.5,0.5,0.5:0.2,0.2,0.2"], "normalize needs 1 means"),
         (["--classes", "a,b"], "--classes wants comma-separated"),
-        (["--classes", "7"], "config.classes"),
+        (["--classes", "7"], "config.recovery.classes"),
         (["--arch-arg", "num_classes"], "--arch-arg wants KEY=VALUE"),
         (["--arch-arg", "num_classes=3"], "do not match"),
         (["--steps", "0"], "steps must be a positive integer"),

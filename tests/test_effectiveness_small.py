@@ -8,7 +8,7 @@ import torch
 from benchmarks.effectiveness import __main__ as cli
 from benchmarks.effectiveness.grid import Cell, full_grid, small_grid
 from benchmarks.effectiveness.report import markdown, write
-from benchmarks.effectiveness.run import run_cell
+from benchmarks.effectiveness.run import BAR_ASR, run_cell
 
 
 def test_grids_cover_the_issue():
@@ -26,9 +26,13 @@ def test_one_cell_and_report(tmp_path):
         "mnist", attack="badnets3_fixed", epochs=1, defenses=("fine_tune", "neural_cleanse", "art_nc")
     )
     row = run_cell(cell, log=lambda s: None, only={"fine_tune", "art_nc"})
-    assert row["defense_images"] == 350 and row["asr_before"] is not None
+    assert row["defense_images"] == 350 and row["asr_before"] > 0.9 and not row["weak_attack"]
     res = row["defenses"]["fine_tune"]
-    assert 0 <= res["ca_after"] <= 1 and 0 <= res["asr_after"] <= 1 and res["bar"] in (True, False)
+    assert 0 <= res["ca_after"] <= 1 and 0 <= res["asr_after"] <= 1
+    # Fine-tuning on 350 clean digits weakens the fixed-corner backdoor (ASR 0.98 -> about 0.5) but
+    # leaves far more than the bar's 1%: the cell is a miss for fine_tune.
+    assert res["asr_after"] < row["asr_before"] and res["asr_after"] > BAR_ASR
+    assert res["bar"] is False
     assert "skipped" in row["defenses"]["art_nc"]  # ART's Neural Cleanse takes Keras models only
     paths = write([row], {"grid": "test", "threads": 1, "machine": "cpu", "seconds": 1.0}, tmp_path, "eff")
     assert json.loads((tmp_path / "eff.json").read_text())["rows"][0]["cell"] == cell.name

@@ -102,7 +102,7 @@ def test_flag_needs_a_trigger_several_times_smaller_than_the_median():
     success = torch.full((8,), 0.9)
     index, flagged = flag_classes(norms, success, 2.0, 0.5)
     assert flagged[:2].tolist() == [True, True] and index[1] > 2.0
-    _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=Config().min_trigger_shrink)
+    _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=Config().detection.min_trigger_shrink)
     assert flagged.nonzero().flatten().tolist() == [0]
 
 
@@ -111,7 +111,7 @@ def test_default_shrink_flags_a_large_patch_trigger():
     # its trigger recovers only about 4x smaller than the median, an easy clean class under 2x.
     norms = torch.tensor([12.3, 82.3, 47.2, 33.1, 69.1, 42.6, 57.2, 53.7, 52.4, 67.9])
     success = torch.full((10,), 0.88)
-    _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=Config().min_trigger_shrink)
+    _, flagged = flag_classes(norms, success, 2.0, 0.5, min_shrink=Config().detection.min_trigger_shrink)
     assert flagged.nonzero().flatten().tolist() == [0]
 
 

@@ -7,7 +7,10 @@ import torch
 from torch import nn
 
 # torch.jit is deprecated upstream, but TorchScript archives are still a format users hand in
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny convolutions stall on thread hand-offs when the cores are busy
+]
 
 from baerase.errors import InputError, LoadError
 from baerase.models import ARCHITECTURES, ResNet18, SmallCNN, build, load_model, save_model, sha256_file
@@ -17,15 +20,6 @@ def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 1, 28, 28)) -> bool:
     x = torch.rand(*shape)
     with torch.no_grad():
         return torch.allclose(a.eval()(x), b.eval()(x))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions stall on thread hand-offs when the cores are busy; one thread is faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from baerase.recover.recovery import chunk_seed, plan_chunks
 
 K, UNREACHABLE = 6, (3, 4, 5)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class _Blocked(nn.Module):
     """A classifier that can never predict the classes in UNREACHABLE, whatever the input."""
@@ -28,14 +30,6 @@ class _Blocked(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) + self.bias
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _scan(model, halving: bool, **changes):

@@ -1,6 +1,7 @@
 """Unlearning's parts through their interfaces: the guard, the batch builder, the loss terms, the
-settings, and the triggers' gradient flags."""
+unlearning settings (``config.unlearning``), and the triggers' gradient flags."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from baerase import Config, ConfigError
+from baerase.config import Unlearning
 from baerase.recover import TriggerSet
-from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, UnlearnSettings, unlearn
+from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 
 torch.set_num_threads(1)
 
@@ -63,8 +65,8 @@ def test_guard_scores_the_start_and_bounds_the_loss_by_the_allowance():
     assert g.within(row)
     assert not g.within(dict(row, clean_accuracy=g.floor - g.allowance / 2))
     assert g.within(dict(row, clean_accuracy=g.floor - g.allowance / 2), slack=1.0)
-    assert not g.within(dict(row, broken=2 * CFG.max_accuracy_drop))
-    assert g.within(dict(row, broken=2 * CFG.max_accuracy_drop), slack=1.0)
+    assert not g.within(dict(row, broken=2 * CFG.unlearning.max_accuracy_drop))
+    assert g.within(dict(row, broken=2 * CFG.unlearning.max_accuracy_drop), slack=1.0)
     assert guard(linear(), accuracy_floor=0.5).floor == 0.5
 
 
@@ -83,7 +85,7 @@ def test_guard_keeps_an_erased_checkpoint_within_the_bounds():
         g.accept(g.score(step))
     assert not g.finished(30, total=100)  # erased past the margin, but under min_steps
     assert g.finished(100, total=100)
-    short = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(min_steps=30))
+    short = guard(net, CFG.replace(asr_stop=1.0, min_steps=30))
     for step in (10, 20):
         short.accept(short.score(step))
         assert not short.finished(step, total=100)
@@ -94,7 +96,7 @@ def test_guard_keeps_an_erased_checkpoint_within_the_bounds():
 @pytest.mark.parametrize("bisections", [0, 1, 3])
 def test_guard_bisects_back_toward_the_start_for_a_checkpoint_far_outside(bisections):
     net = linear()
-    g = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(bisections=bisections))
+    g = guard(net, CFG.replace(asr_stop=1.0, bisections=bisections))
     start = [p.detach().clone() for p in net.parameters()]
     negate(net)  # the segment back: (1 - 2 s) * theta_0, right for s < 1/2, wrong beyond
     end = [p.detach().clone() for p in net.parameters()]
@@ -114,7 +116,7 @@ def test_guard_bisects_back_toward_the_start_for_a_checkpoint_far_outside(bisect
 
 def test_guard_does_not_back_off_when_half_the_step_is_within():
     net = linear()
-    g = guard(net, CFG.replace(asr_stop=1.0), settings=UnlearnSettings(bisections=1))
+    g = guard(net, CFG.replace(asr_stop=1.0, bisections=1))
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(-0.5)  # the segment back: (1 - 1.5 s) * theta_0, wrong at the end, right at s = 1/2
@@ -172,12 +174,11 @@ def test_loss_terms_add_up_to_the_total(scarce):
     anchor = [p.detach().clone() + 0.01 for p in net.parameters()]
     with torch.no_grad():
         fit_logp = torch.log_softmax(net(fit[0]), 1)
-    settings = UnlearnSettings()
     original = linear()
     negate(original)  # copies anchor to a model that answers otherwise: the term is not 0
-    loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None, settings=settings)
+    loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None)
     terms = loss(net, inputs, generator)
-    held = terms.clean + settings.copy_weight * terms.copy_anchor if scarce else terms.clean
+    held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if scarce else terms.clean
     expected = (config.unlearning.alpha_u * held - terms.ascent + config.unlearning.relabel_weight * terms.relabel
                 + config.unlearning.weight_l1 * terms.drift)
     assert torch.allclose(terms.total, expected)
@@ -200,8 +201,8 @@ def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_tri
     t.mask_logits.requires_grad_(False)
     flags = [p.requires_grad for p in t.parameters()]
     fit, val = labelled(net, 12, 1), labelled(net, 12, 2)
-    config = CFG.replace(unlearn_epochs=1)  # 3 steps, raised to min_steps
-    outcome = unlearn(net, t, fit, val, config, num_classes=K, settings=UnlearnSettings(min_steps=20, eval_every=5))
+    config = CFG.replace(unlearn_epochs=1, min_steps=20, eval_every=5)  # 3 steps, raised to min_steps
+    outcome = unlearn(net, t, fit, val, config, num_classes=K)
     assert [row["step"] for row in outcome.history if "share" not in row] == [0, 5, 10, 15, 20]
     assert "loss_total" not in outcome.history[0]
     assert all("loss_ascent" in row for row in outcome.history[1:] if "share" not in row)
@@ -227,15 +228,19 @@ def test_unlearn_restores_the_callers_trigger_flags_after_an_exception():
     assert any(flags) and not all(flags)
     fit, val = labelled(net, 12, 1), labelled(net, 12, 2)
     with pytest.raises(RuntimeError, match="boom"):
-        unlearn(_Fails(net), t, fit, val, CFG, num_classes=K, settings=UnlearnSettings(min_steps=10))
+        unlearn(_Fails(net), t, fit, val, CFG.replace(min_steps=10), num_classes=K)
     assert [p.requires_grad for p in t.parameters()] == flags
 
 
 def test_settings_are_frozen_and_checked():
-    settings = UnlearnSettings()
-    assert (settings.eval_every, settings.min_steps, settings.bisections) == (10, 800, 3)
-    with pytest.raises(AttributeError):
+    settings = Config().unlearning
+    assert isinstance(settings, Unlearning)
+    assert settings == Unlearning() and (settings.eval_every, settings.min_steps, settings.bisections) == (20, 200, 3)
+    assert CFG.replace(min_steps=40).unlearning.min_steps == 40  # a flat knob reaches its group
+    with pytest.raises(dataclasses.FrozenInstanceError):
         settings.min_steps = 1
     for bad in ({"eval_every": 0}, {"warmup_steps": 0}, {"copy_weight": -1.0}):
         with pytest.raises(ConfigError):
-            UnlearnSettings(**bad)
+            Unlearning(**bad)
+        with pytest.raises(ConfigError):
+            CFG.replace(**bad)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,9 @@ from torch import nn
 from ..errors import InputError
 from .train import Normalize, _check_data, _device, normalizer
 from .triggers import BadNets, PatchTrigger, TrojanWatermark, _check_images, _to_channels
+
+_Patch = TypeVar("_Patch", bound=PatchTrigger)
+_Norm = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,75 @@ def _capture(model: nn.Module, layer: str | nn.Module | None):
         layer = modules[layer]
     handle = layer.register_forward_hook(lambda m, args, out: store.__setitem__("a", flat(out)))
     return store, handle
+
+
+def _pattern_logits(trigger: PatchTrigger, channels: int, who: str, device: torch.device) -> torch.Tensor:
+    """Leaf tensor ``[C, h, w]`` of logits of the trigger's pattern, optimised in place of the pattern."""
+    return _logit(_to_channels(trigger.pattern, channels, who).clone().to(device)).requires_grad_(True)
+
+
+def _with_pattern(trigger: _Patch, theta: torch.Tensor, **attrs) -> _Patch:
+    """A shallow copy of ``trigger`` with pattern ``sigmoid(theta)`` ``[C, h, w]`` (on CPU) and ``attrs`` set."""
+    out = copy.copy(trigger)
+    out.pattern = torch.sigmoid(theta.detach()).cpu()
+    for name, value in attrs.items():
+        setattr(out, name, value)
+    out.reset()
+    return out
+
+
+def _choose_neurons(
+    model: nn.Module,
+    norm: _Norm,
+    x: torch.Tensor,
+    trigger: TrojanWatermark,
+    store: dict[str, torch.Tensor],
+    neurons: int | Sequence[int],
+    target_activation: float | None,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """The indices ``[K]`` of the neurons to excite and the activation they should reach."""
+    with torch.no_grad():
+        model(norm(x))
+        clean = store["a"]
+        if isinstance(neurons, int):
+            rise = torch.zeros(clean.shape[1], device=x.device)
+            for _ in range(4):
+                p = torch.rand(x.shape[1], *trigger.size, generator=g).to(x.device)
+                model(norm(trigger.stamp(x, p)))
+                rise += (store["a"] - clean).mean(0)
+            chosen = rise.topk(min(neurons, clean.shape[1])).indices
+        else:
+            chosen = torch.as_tensor(list(neurons), dtype=torch.long, device=x.device)
+            if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= clean.shape[1]:
+                raise InputError(f"optimise_trojan_trigger: neurons must index 0..{clean.shape[1] - 1}")
+        goal = target_activation
+        if goal is None:
+            goal = max(10.0 * clean[:, chosen].max().item(), 1.0)
+    return chosen, goal
+
+
+def _fit_trojan_pattern(
+    model: nn.Module,
+    norm: _Norm,
+    x: torch.Tensor,
+    trigger: TrojanWatermark,
+    store: dict[str, torch.Tensor],
+    chosen: torch.Tensor,
+    goal: float,
+    steps: int,
+    lr: float,
+) -> torch.Tensor:
+    """Adam on the pattern logits ``[C, h, w]`` so the ``chosen`` activations of stamped ``x`` reach ``goal``."""
+    theta = _pattern_logits(trigger, x.shape[1], "trojan", x.device)
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        model(norm(trigger.stamp(x, torch.sigmoid(theta))))
+        loss = (store["a"][:, chosen] - goal).pow(2).mean()
+        (grad,) = torch.autograd.grad(loss, theta)  # model parameters get no .grad
+        theta.grad = grad
+        opt.step()
+    return theta
 
 
 def optimise_trojan_trigger(
@@ -80,41 +153,62 @@ def optimise_trojan_trigger(
     model.eval()
     store, handle = _capture(model, layer)
     try:
-        with torch.no_grad():
-            model(norm(x))
-            clean = store["a"]
-            if isinstance(neurons, int):
-                rise = torch.zeros(clean.shape[1], device=device)
-                for _ in range(4):
-                    p = torch.rand(x.shape[1], *trigger.size, generator=g).to(device)
-                    model(norm(trigger.stamp(x, p)))
-                    rise += (store["a"] - clean).mean(0)
-                chosen = rise.topk(min(neurons, clean.shape[1])).indices
-            else:
-                chosen = torch.as_tensor(list(neurons), dtype=torch.long, device=device)
-                if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= clean.shape[1]:
-                    raise InputError(f"optimise_trojan_trigger: neurons must index 0..{clean.shape[1] - 1}")
-            goal = target_activation
-            if goal is None:
-                goal = max(10.0 * clean[:, chosen].max().item(), 1.0)
-        theta = _logit(_to_channels(trigger.pattern, x.shape[1], "trojan").clone().to(device)).requires_grad_(
-            True
-        )
-        opt = torch.optim.Adam([theta], lr=lr)
-        for _ in range(steps):
-            model(norm(trigger.stamp(x, torch.sigmoid(theta))))
-            loss = (store["a"][:, chosen] - goal).pow(2).mean()
-            (grad,) = torch.autograd.grad(loss, theta)  # model parameters get no .grad
-            theta.grad = grad
-            opt.step()
+        chosen, goal = _choose_neurons(model, norm, x, trigger, store, neurons, target_activation, g)
+        theta = _fit_trojan_pattern(model, norm, x, trigger, store, chosen, goal, steps, lr)
     finally:
         handle.remove()
         model.train(was_training)
-    out = copy.copy(trigger)
-    out.pattern = torch.sigmoid(theta.detach()).cpu()
-    out.neurons = [int(i) for i in chosen.cpu()]
-    out.reset()
-    return out
+    return _with_pattern(trigger, theta, neurons=[int(i) for i in chosen.cpu()])
+
+
+def _epoch_range(epochs: int, progress: bool) -> Iterable[int]:
+    """``range(epochs)``, wrapped in a tqdm bar when ``progress`` is set."""
+    if not progress:
+        return range(epochs)
+    from tqdm.auto import tqdm  # optional dependency, only needed for the bar
+
+    return tqdm(range(epochs), desc="imc", unit="epoch")
+
+
+def _imc_trigger_step(
+    model: nn.Module,
+    norm: _Norm,
+    trigger: PatchTrigger,
+    theta: torch.Tensor,
+    opt_trigger: torch.optim.Optimizer,
+    x_others: torch.Tensor,
+    target: int,
+) -> None:
+    """One Adam step on the pattern logits ``theta`` pushing stamped ``x_others`` ``[M, C, H, W]`` to ``target``."""
+    targets = torch.full((len(x_others),), target, device=theta.device)
+    loss_t = F.cross_entropy(model(norm(trigger.stamp(x_others, torch.sigmoid(theta)))), targets)
+    (theta.grad,) = torch.autograd.grad(loss_t, theta)
+    opt_trigger.step()
+
+
+def _imc_model_step(
+    model: nn.Module,
+    norm: _Norm,
+    trigger: PatchTrigger,
+    theta: torch.Tensor,
+    opt_model: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    others: torch.Tensor,
+    target: int,
+    rate: float,
+    g: torch.Generator,
+) -> None:
+    """One Adam step on the model over ``(xb, yb)`` with a ``rate`` share stamped and relabelled ``target``."""
+    count = max(1, round(rate * len(yb)))
+    pick = others[torch.randperm(len(others), generator=g)[:count].to(theta.device)]
+    xb, yb = xb.clone(), yb.clone()
+    with torch.no_grad():
+        xb[pick] = trigger.stamp(xb[pick], torch.sigmoid(theta))
+    yb[pick] = target
+    opt_model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(norm(xb)), yb).backward()
+    opt_model.step()
 
 
 def imc_train(
@@ -150,16 +244,10 @@ def imc_train(
     device = _device(model)
     norm = normalizer(normalize, x.shape[1], device)
     g = torch.Generator().manual_seed(seed)
-    theta = _logit(_to_channels(trigger.pattern, x.shape[1], trigger.name).clone().to(device)).requires_grad_(
-        True
-    )
+    theta = _pattern_logits(trigger, x.shape[1], trigger.name, device)
     opt_model = torch.optim.Adam(model.parameters(), lr=lr)
     opt_trigger = torch.optim.Adam([theta], lr=trigger_lr)
-    epochs_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs_iter = tqdm(epochs_iter, desc="imc", unit="epoch")
+    epochs_iter = _epoch_range(epochs, progress)
     model.train()
     for _ in epochs_iter:
         for i in torch.randperm(len(y), generator=g).split(batch_size):
@@ -167,22 +255,6 @@ def imc_train(
             others = torch.nonzero(yb != target).flatten()
             if len(others) == 0:
                 continue
-            targets = torch.full((len(others),), target, device=device)
-            loss_t = F.cross_entropy(model(norm(trigger.stamp(xb[others], torch.sigmoid(theta)))), targets)
-            (theta.grad,) = torch.autograd.grad(loss_t, theta)
-            opt_trigger.step()
-
-            count = max(1, round(rate * len(yb)))
-            pick = others[torch.randperm(len(others), generator=g)[:count].to(device)]
-            xb, yb = xb.clone(), yb.clone()
-            with torch.no_grad():
-                xb[pick] = trigger.stamp(xb[pick], torch.sigmoid(theta))
-            yb[pick] = target
-            opt_model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(norm(xb)), yb).backward()
-            opt_model.step()
-    out = copy.copy(trigger)
-    out.pattern = torch.sigmoid(theta.detach()).cpu()
-    out.name = "imc"
-    out.reset()
-    return model.eval(), out
+            _imc_trigger_step(model, norm, trigger, theta, opt_trigger, xb[others], target)
+            _imc_model_step(model, norm, trigger, theta, opt_model, xb, yb, others, target, rate, g)
+    return model.eval(), _with_pattern(trigger, theta, name="imc")
