@@ -133,32 +133,37 @@ def recover(
     mine = distributed.shard(chunks, rank, world)
     forward = _forward_fn(model, config, device)
     steps = config.recovery.steps if steps is None else steps
-    queue, parts = [list(c) for c in mine], []
+
+    def run(piece: list[int]) -> tuple:
+        triggers, success, ran = _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset,
+                                                       steps, on_step, store, enough)
+        return triggers if keep_triggers else None, success, ran, triggers.norms().detach()
+
+    parts = _each_chunk(mine, run)
+    success, ran, norms = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, device=device)
+                           for i in (1, 2, 3))
+    triggers = TriggerSet.concat([p[0] for p in parts]) if parts and keep_triggers else None
+    if sharded:
+        if keep_triggers:
+            triggers = distributed.gather(chunks, mine, triggers, success, device)[0]
+        success, ran, norms = (distributed.gather_values(chunks, mine, v, device) for v in (success, ran, norms))
+    return Recovery(targets, triggers, success.cpu(), norms.cpu(), ran.cpu())
+
+
+def _each_chunk(chunks: list[list[int]], run: Callable[[list[int]], tuple]) -> list[tuple]:
+    """``run(chunk)`` for every chunk, in order; a chunk that runs out of GPU memory is split in two."""
+    queue, done = [list(c) for c in chunks], []
     while queue:
         piece = queue.pop(0)
         try:
-            part = _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps, on_step,
-                                         store, enough)
-            parts.append(part if keep_triggers else (None, *part[1:], part[0].norms().detach()))
+            done.append(run(piece))
         except torch.cuda.OutOfMemoryError:
             if len(piece) == 1:
                 raise
-            half = len(piece) // 2
-            queue[:0] = [piece[:half], piece[half:]]
+            queue[:0] = [piece[: len(piece) // 2], piece[len(piece) // 2:]]
             torch.cuda.empty_cache()
-            log.warning("out of GPU memory: retrying with %d candidate classes per chunk", half)
-    triggers = TriggerSet.concat([p[0] for p in parts]) if parts and keep_triggers else None
-    success = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, device=device)
-    ran = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, device=device)
-    if not keep_triggers:
-        norms = torch.cat([p[3] for p in parts]) if parts else torch.zeros(0, device=device)
-        return Recovery(targets, None, success.cpu(), norms.cpu(), ran.cpu())
-    if sharded:
-        triggers, success, norms = distributed.gather(chunks, mine, triggers, success, device)
-        ran = distributed.gather_values(chunks, mine, ran, device)
-    else:
-        norms = triggers.norms().detach() if triggers is not None else torch.zeros(0, device=device)
-    return Recovery(targets, triggers, success.cpu(), norms.cpu(), ran.cpu())
+            log.warning("out of GPU memory: retrying with %d candidate classes per chunk", len(piece) // 2)
+    return done
 
 
 def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset, steps, on_step, store, enough):
