@@ -109,9 +109,9 @@ class Detection:
     eval_samples: int = 256  # held-out images used to score each class
     val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
     confirmations: int = 2  # independently seeded re-recoveries that must each reproduce a flag
-    # A repaired class's boundary stays easier to reach: after erasing a sine blend, the re-scan finds
-    # triggers 4-6x smaller than the median while the real trigger flips 0.2% (a trigger left in place: 10-100x).
-    verify_shrink: float = 6.0
+    # A repaired class's boundary stays easier to reach: after erasing a blend, the re-scan finds
+    # triggers about 3x smaller than the median while the real trigger flips under 1%.
+    verify_shrink: float = 4.0
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
@@ -141,9 +141,9 @@ class Unlearning:
     # handful of images, and a smaller split turns the noise of which images flip into refused checkpoints.
     guard_fraction: float = 0.5
     erase_rounds: int = 3  # unlearn -> verify rounds before an erase is reported unverified
-    eval_every: int = 20  # optimisation steps between guard evaluations
+    eval_every: int = 10  # optimisation steps between guard evaluations
     margin_evals: int = 2  # erased evaluations needed after the first: one on a small split proves little
-    min_steps: int = 200  # the real trigger lags the recovered ones: unlearn at least this long
+    min_steps: int = 400  # the real trigger lags the recovered ones (colour10 fixed patch: 1.3% at 200, 0.6% at 400)
     min_lr_share: float = 1 / 16  # backing off never takes the lr below this share of unlearn_lr
     warmup_steps: int = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
     moved_share: float = 0.1  # position-bound below this, moved/in-place (fixed patch 0.01-0.04, BadNets 0.15-0.36)
