@@ -1,8 +1,9 @@
 """baerase: find and erase backdoors in image classifiers.
 
-    report = baerase.scan(model, images, labels)          # recover triggers, flag classes
-    result = baerase.erase(model, images, labels, report)  # unlearn, verify, keep accuracy
+report = baerase.scan(model, images, labels)          # recover triggers, flag classes
+result = baerase.erase(model, images, labels, report)  # unlearn, verify, keep accuracy
 """
+
 __version__ = "0.1.0"
 
 from .api import audit, erase, scan
@@ -11,6 +12,18 @@ from .errors import BaeraseError, ConfigError, DivergenceError, InputError, Load
 from .report import ClassResult, EraseResult, ScanReport, write_outputs
 
 __all__ = [
-    "BaeraseError", "ClassResult", "Config", "ConfigError", "DivergenceError", "EraseResult", "InputError",
-    "LoadError", "ScanReport", "__version__", "audit", "erase", "scan", "write_outputs",
+    "BaeraseError",
+    "ClassResult",
+    "Config",
+    "ConfigError",
+    "DivergenceError",
+    "EraseResult",
+    "InputError",
+    "LoadError",
+    "ScanReport",
+    "__version__",
+    "audit",
+    "erase",
+    "scan",
+    "write_outputs",
 ]

@@ -1,4 +1,5 @@
 """The public entry points: ``scan`` (recover + detect), ``erase`` (unlearn + verify), ``audit``."""
+
 from __future__ import annotations
 
 import os
@@ -51,19 +52,36 @@ def scan(
     config = check_config(config)
     if checkpoint is not None:
         config = config.replace(checkpoint_dir=os.fspath(checkpoint))
-    inputs = prepare(model, images, labels, normalize, config, config.detection.val_fraction,
-                     keep=config.detection.eval_samples)
+    inputs = prepare(
+        model, images, labels, normalize, config, config.detection.val_fraction, keep=config.detection.eval_samples
+    )
     targets = _targets(inputs)
     distributed.check_ranks(model, inputs.images, inputs.labels, inputs.device)
     spent = cost.Cost()
     with inputs.running() as backends, frozen(model):
-        with cost.phase(spent, "recovery"), progress(planned_steps(config, len(targets)), "baerase recovery",
-                                                     config.run.progress) as bar:
-            screened = recover_all(model, inputs.fit, inputs.held_out, targets, config, inputs.mean, inputs.std,
-                                   on_step=bar.update, store_for=lambda stage: _store(inputs, targets, stage))
+        with (
+            cost.phase(spent, "recovery"),
+            progress(planned_steps(config, len(targets)), "baerase recovery", config.run.progress) as bar,
+        ):
+            screened = recover_all(
+                model,
+                inputs.fit,
+                inputs.held_out,
+                targets,
+                config,
+                inputs.mean,
+                inputs.std,
+                on_step=bar.update,
+                store_for=lambda stage: _store(inputs, targets, stage),
+            )
         with cost.phase(spent, "confirmation"):
-            verdict = detect(screened.recovery, _rerecover(inputs, model, "baerase confirm"), config,
-                             screened.reference, screened.recovered)
+            verdict = detect(
+                screened.recovery,
+                _rerecover(inputs, model, "baerase confirm"),
+                config,
+                screened.reference,
+                screened.recovered,
+            )
     return ScanReport.of_scan(inputs, screened, verdict, spent, backends, time.perf_counter() - start)
 
 
@@ -90,12 +108,19 @@ def erase(
     config = check_config(config)
     inputs = prepare(model, images, labels, normalize, config, config.unlearning.guard_fraction)
     if report.num_classes != inputs.num_classes:
-        raise InputError(f"the report is for a {report.num_classes}-class model but this model has {inputs.num_classes}")
+        raise InputError(
+            f"the report is for a {report.num_classes}-class model but this model has {inputs.num_classes}"
+        )
     if report.flagged and report.triggers is None:
-        raise InputError("the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output")
+        raise InputError(
+            "the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output"
+        )
     with inputs.running():
-        result = erase_rounds(inputs, report, lambda m, desc: _rerecover(inputs, m, desc)) if report.flagged \
+        result = (
+            erase_rounds(inputs, report, lambda m, desc: _rerecover(inputs, m, desc))
+            if report.flagged
             else nothing_to_erase(inputs)
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -120,8 +145,19 @@ def _rerecover(inputs: Inputs, model: nn.Module, desc: str):
     def run(targets: list[int], seed_offset: int, steps: int | None, enough=None) -> Recovery:
         label = desc if seed_offset == 0 else f"{desc} ({seed_offset}/{cfg.detection.confirmations})"
         with progress(len(targets) * (steps or cfg.recovery.steps), label, cfg.run.progress) as bar:
-            return recover(model, inputs.fit, inputs.held_out, targets, cfg, inputs.mean, inputs.std,
-                           seed_offset=seed_offset, steps=steps, on_step=bar.update, enough=enough)
+            return recover(
+                model,
+                inputs.fit,
+                inputs.held_out,
+                targets,
+                cfg,
+                inputs.mean,
+                inputs.std,
+                seed_offset=seed_offset,
+                steps=steps,
+                on_step=bar.update,
+                enough=enough,
+            )
 
     return run
 
@@ -143,8 +179,12 @@ def _store(inputs: Inputs, targets: list[int], stage: str) -> ChunkStore | None:
         return None
     settings = cfg.to_dict()
     settings["run"] = {k: v for k, v in settings["run"].items() if k not in ("progress", "checkpoint_dir", "threads")}
-    fingerprint = {"config": settings, "model_sha256": sha256_model(inputs.model),
-                   "data_sha256": sha256_tensors(inputs.images, inputs.labels), "targets": targets,
-                   "device": inputs.device.type}
+    fingerprint = {
+        "config": settings,
+        "model_sha256": sha256_model(inputs.model),
+        "data_sha256": sha256_tensors(inputs.images, inputs.labels),
+        "targets": targets,
+        "device": inputs.device.type,
+    }
     folder = cfg.run.checkpoint_dir if stage == "full" else os.path.join(cfg.run.checkpoint_dir, stage)
     return ChunkStore(folder, fingerprint)

@@ -53,9 +53,7 @@ def _config(args) -> Config:
         try:
             changes["classes"] = tuple(int(c) for c in args.classes.split(","))
         except ValueError:
-            raise InputError(
-                f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}"
-            ) from None
+            raise InputError(f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}") from None
     changes["progress"] = not args.quiet
     return PRESETS[args.preset](**changes)
 
@@ -74,9 +72,7 @@ def _check_out(args) -> None:
     for name in ("model", "data"):
         value = getattr(args, name, None)
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(out):
-            raise InputError(
-                f"--out {args.out} would replace the input {value}; choose another output directory"
-            )
+            raise InputError(f"--out {args.out} would replace the input {value}; choose another output directory")
 
 
 def _record_sources(report, args) -> None:
@@ -86,9 +82,7 @@ def _record_sources(report, args) -> None:
     from .models import sha256_file
 
     if Path(args.data).is_file():
-        report.provenance.update(
-            data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data)
-        )
+        report.provenance.update(data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data))
 
 
 def _load_inputs(args):
@@ -136,7 +130,9 @@ def _cmd_audit(args) -> int:
     report, result = audit(model, images, labels, normalize=normalize, config=_config(args))
     _record_sources(report, args)
     print(report.summary() + "\n\n" + result.summary())
-    print("\nAudit cost (images through the suspect model):\n" + report.cost.merged(result.cost).table(report.num_classes))
+    print(
+        "\nAudit cost (images through the suspect model):\n" + report.cost.merged(result.cost).table(report.num_classes)
+    )
     print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
     return 0 if result.verified else 3
 
@@ -170,44 +166,39 @@ def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
         help="clean hold-out data: .npz, image folder, CIFAR batches, "
         "GTSRB folder, idx file, or a built-in name (mnist, colour10)",
     )
-    p.add_argument(
-        "--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25"
-    )
+    p.add_argument("--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow loading a full pickled model (runs code from the file)",
     )
-    p.add_argument(
-        "--out", required=needs_out, help="output directory (report.json, report.md, triggers, model)"
-    )
+    p.add_argument("--out", required=needs_out, help="output directory (report.json, report.md, triggers, model)")
     _options(p)
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings"
-    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings")
     p.add_argument("--steps", type=int, help="recovery steps per class")
     p.add_argument("--family", choices=["mask", "patch"], help="trigger family")
     p.add_argument("--classes", help="comma-separated candidate target classes (default: all)")
     p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")
     p.add_argument("--device", help="torch device (default: the model's)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use, "
-                   "or OMP_NUM_THREADS)")
     p.add_argument(
-        "--universal-eps", type=float, help="L-inf radius of the universal perturbation per flagged class "
-        "unlearned with the recovered triggers (default 0.1; 0: off)"
+        "--threads", type=int, help="CPU threads (default: the CPUs this process may use, or OMP_NUM_THREADS)"
+    )
+    p.add_argument(
+        "--universal-eps",
+        type=float,
+        help="L-inf radius of the universal perturbation per flagged class "
+        "unlearned with the recovered triggers (default 0.1; 0: off)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="baerase", description="Find and erase backdoors in image classifiers."
-    )
+    parser = argparse.ArgumentParser(prog="baerase", description="Find and erase backdoors in image classifiers.")
     parser.add_argument("--version", action="version", version=f"baerase {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a backdoored MNIST model, scan it, erase the backdoor")

@@ -4,6 +4,7 @@
 has one name, unique across the groups, so ``Config(steps=100)`` sets ``config.recovery.steps``;
 read settings through their group (``config.unlearning.max_accuracy_drop``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,12 +23,16 @@ def _positive_ints(group, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _in_range(group, names: tuple[str, ...], low: float, high: float, open_low: bool = False,
-              open_high: bool = False) -> None:
+def _in_range(
+    group, names: tuple[str, ...], low: float, high: float, open_low: bool = False, open_high: bool = False
+) -> None:
     for name in names:
         value = getattr(group, name)
-        ok = isinstance(value, (int, float)) and (low < value if open_low else low <= value) and (
-            value < high if open_high else value <= high)
+        ok = (
+            isinstance(value, (int, float))
+            and (low < value if open_low else low <= value)
+            and (value < high if open_high else value <= high)
+        )
         if not ok:
             interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
             raise ConfigError(f"{name} must be in {interval}, got {value!r}")
@@ -75,9 +80,22 @@ class Recovery:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        _positive_ints(self, ("patch_size", "steps", "batch_size", "latent_dim", "hidden", "mine_hidden",
-                              "cost_patience", "prescreen_above", "prescreen_steps", "prescreen_batch",
-                              "prescreen_keep"))
+        _positive_ints(
+            self,
+            (
+                "patch_size",
+                "steps",
+                "batch_size",
+                "latent_dim",
+                "hidden",
+                "mine_hidden",
+                "cost_patience",
+                "prescreen_above",
+                "prescreen_steps",
+                "prescreen_batch",
+                "prescreen_keep",
+            ),
+        )
         if not isinstance(self.reference_sample, int) or self.reference_sample < 3:
             raise ConfigError(f"reference_sample must be an integer >= 3, got {self.reference_sample!r}")
         if self.latent_dim < 4:
@@ -161,8 +179,9 @@ class Unlearning:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         _in_range(self, ("unlearn_lr",), 0, float("inf"), open_low=True)
         _in_range(self, ("weight_l1", "alpha_u", "relabel_weight", "backtrack_slack", "copy_weight"), 0, float("inf"))
-        _in_range(self, ("max_accuracy_drop", "asr_stop", "universal_eps", "min_lr_share", "moved_share",
-                         "copy_shift"), 0, 1)
+        _in_range(
+            self, ("max_accuracy_drop", "asr_stop", "universal_eps", "min_lr_share", "moved_share", "copy_shift"), 0, 1
+        )
         _in_range(self, ("guard_fraction",), 0, 1, open_low=True, open_high=True)
 
 
@@ -204,8 +223,14 @@ class Config:
     unlearning: Unlearning
     run: Run
 
-    def __init__(self, recovery: Recovery | None = None, detection: Detection | None = None,
-                 unlearning: Unlearning | None = None, run: Run | None = None, **knobs) -> None:
+    def __init__(
+        self,
+        recovery: Recovery | None = None,
+        detection: Detection | None = None,
+        unlearning: Unlearning | None = None,
+        run: Run | None = None,
+        **knobs,
+    ) -> None:
         given = {"recovery": recovery, "detection": detection, "unlearning": unlearning, "run": run}
         per_group: dict[str, dict] = {name: {} for name in GROUPS}
         for name, value in knobs.items():
@@ -222,10 +247,24 @@ class Config:
     def paper(cls, **overrides) -> Config:
         """The paper's settings: patch triggers, G width 2048, Adam 2e-4, batch 128, 10 epochs
         (about 200 steps on 2,500 images), SGD unlearning at lr 1e-4 with alpha_u = 100."""
-        settings = {"family": "patch", "patch_size": 3, "hidden": 2048, "lr": 2e-4, "batch_size": 128,
-                    "steps": 200, "alpha": 0.1, "beta": 0.5, "unlearn_lr": 1e-4, "alpha_u": 100.0,
-                    "relabel_weight": 0.0, "universal_eps": 0.0, "weight_l1": 1e-6, "asr_stop": 0.0005,
-                    "unlearn_epochs": 10, "min_steps": 0}
+        settings = {
+            "family": "patch",
+            "patch_size": 3,
+            "hidden": 2048,
+            "lr": 2e-4,
+            "batch_size": 128,
+            "steps": 200,
+            "alpha": 0.1,
+            "beta": 0.5,
+            "unlearn_lr": 1e-4,
+            "alpha_u": 100.0,
+            "relabel_weight": 0.0,
+            "universal_eps": 0.0,
+            "weight_l1": 1e-6,
+            "asr_stop": 0.0005,
+            "unlearn_epochs": 10,
+            "min_steps": 0,
+        }
         settings.update(overrides)
         return cls(**settings)
 

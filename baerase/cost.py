@@ -4,6 +4,7 @@ Every call of the suspect model (or of a copy being repaired) goes through ``for
 charges the images to the phase open in this thread or task. The count does not drift with the
 machine's load, so speed work is measured in it.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,7 +58,11 @@ class Cost:
         joined = Cost({name: PhaseCost(**vars(p)) for name, p in self.phases.items()})
         for name, p in other.phases.items():
             mine = joined.phases.setdefault(name, PhaseCost())
-            mine.forward, mine.backward, mine.seconds = mine.forward + p.forward, mine.backward + p.backward, mine.seconds + p.seconds
+            mine.forward, mine.backward, mine.seconds = (
+                mine.forward + p.forward,
+                mine.backward + p.backward,
+                mine.seconds + p.seconds,
+            )
         return joined
 
     def to_dict(self) -> dict:
@@ -73,7 +78,10 @@ class Cost:
         """A readable table: one row per phase and a total."""
         rows = ["| phase | model images | of which backward | per class | seconds |", "|---|---:|---:|---:|---:|"]
         for name, p in [*self.phases.items(), ("total", PhaseCost(self.forward, self.backward, self.seconds))]:
-            rows.append(f"| {name} | {p.forward:,} | {p.backward:,} | {p.forward / max(num_classes, 1):,.0f} | {p.seconds:.1f} |")
+            rows.append(
+                f"| {name} | {p.forward:,} | {p.backward:,} | {p.forward / max(num_classes, 1):,.0f} "
+                f"| {p.seconds:.1f} |"
+            )
         return "\n".join(rows)
 
 

@@ -1,4 +1,5 @@
 """``baerase demo``: a backdoored MNIST model found and repaired end to end, offline."""
+
 from __future__ import annotations
 
 import time
@@ -11,13 +12,20 @@ from .config import Config
 def _attack(name: str):
     from .attacks import BadNets, Blended, TrojanWatermark
 
-    return {"badnets": lambda: BadNets(size=3, position="random", seed=1),
-            "blended": lambda: Blended(pattern="sine", alpha=0.15),
-            "trojan": lambda: TrojanWatermark(size=5, position="corner")}[name]()
+    return {
+        "badnets": lambda: BadNets(size=3, position="random", seed=1),
+        "blended": lambda: Blended(pattern="sine", alpha=0.15),
+        "trojan": lambda: TrojanWatermark(size=5, position="corner"),
+    }[name]()
 
 
-def run_demo(attack: str = "badnets", target: int = 0, out: str | None = None, overwrite: bool = False,
-             config: Config | None = None) -> int:
+def run_demo(
+    attack: str = "badnets",
+    target: int = 0,
+    out: str | None = None,
+    overwrite: bool = False,
+    config: Config | None = None,
+) -> int:
     """Train a backdoored SmallCNN on the embedded MNIST digits, scan it, erase the backdoor and
     print a before/after table. Returns a process exit status (0 when the backdoor is gone)."""
     from . import audit, write_outputs
@@ -32,13 +40,17 @@ def run_demo(attack: str = "badnets", target: int = 0, out: str | None = None, o
     print(f"Training a SmallCNN on {len(y_train)} MNIST digits with a {trigger.name} backdoor -> class {target} ...")
     torch.manual_seed(0)
     device = config.run.device if config is not None and config.run.device is not None else "cpu"
-    model = train_backdoored(SmallCNN(1, 10, 28).to(device), x_train, y_train, trigger, target, rate=0.2,
-                             epochs=12, seed=0)
+    model = train_backdoored(
+        SmallCNN(1, 10, 28).to(device), x_train, y_train, trigger, target, rate=0.2, epochs=12, seed=0
+    )
     before = clean_accuracy(model, x_test, y_test), attack_success_rate(model, x_test, y_test, trigger, target)
 
     print(f"Scanning and erasing with {len(y_clean)} clean digits ...")
     report, result = audit(model, x_clean, y_clean, config=config)
-    after = clean_accuracy(result.model, x_test, y_test), attack_success_rate(result.model, x_test, y_test, trigger, target)
+    after = (
+        clean_accuracy(result.model, x_test, y_test),
+        attack_success_rate(result.model, x_test, y_test, trigger, target),
+    )
 
     print("\n" + report.summary() + "\n\n" + result.summary() + "\n")
     print(f"| test set ({len(y_test)} digits) | clean accuracy | attack success (real trigger) |")

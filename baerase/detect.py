@@ -4,6 +4,7 @@ A class is flagged when its trigger is an anomaly among the classes' triggers (f
 flagged only if independently seeded re-recoveries find it again (confirm). After an erase, the
 same judgement on a fresh recovery tells whether a backdoor is still there (verify).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,11 @@ def anomaly_index(values: torch.Tensor, side: str = "low", reference: torch.Tens
 
 
 def flag_classes(
-    norms: torch.Tensor, success: torch.Tensor, threshold: float, min_success: float, side: str = "low",
+    norms: torch.Tensor,
+    success: torch.Tensor,
+    threshold: float,
+    min_success: float,
+    side: str = "low",
     min_shrink: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomaly index [K], flagged bool [K]) for per-class trigger masses and attack successes.
@@ -58,8 +63,14 @@ def flag_classes(
 
 
 def is_backdoor(
-    index: torch.Tensor, values: torch.Tensor, success: torch.Tensor, threshold: float, min_success: float,
-    side: str, min_shrink: float, reference: torch.Tensor | None = None,
+    index: torch.Tensor,
+    values: torch.Tensor,
+    success: torch.Tensor,
+    threshold: float,
+    min_success: float,
+    side: str,
+    min_shrink: float,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The flagging rule (bool [K]) on anomaly indices and score values (``reference``: the clean
     classes' values, else ``values`` themselves, give the median the shrink is measured from)."""
@@ -95,18 +106,33 @@ class Verdict:
         return score_values(recovery.norms[clean], recovery.success[clean], side)
 
 
-def judge(recovery: Recovery, reference: torch.Tensor, config: Config, min_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def judge(
+    recovery: Recovery, reference: torch.Tensor, config: Config, min_shrink: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomaly index [k], found [k]) of freshly recovered classes against ``reference`` values."""
     side = side_of(config.recovery.family)
     values = score_values(recovery.norms, recovery.success, side)
     index = anomaly_index(values, side, reference=reference)
-    found = is_backdoor(index, values, recovery.success, config.detection.anomaly_threshold, config.detection.min_attack_success, side,
-                        min_shrink, reference)
+    found = is_backdoor(
+        index,
+        values,
+        recovery.success,
+        config.detection.anomaly_threshold,
+        config.detection.min_attack_success,
+        side,
+        min_shrink,
+        reference,
+    )
     return index, found
 
 
-def detect(recovery: Recovery, rerecover: Rerecover, config: Config, reference: torch.Tensor | None = None,
-           eligible: torch.Tensor | None = None) -> Verdict:
+def detect(
+    recovery: Recovery,
+    rerecover: Rerecover,
+    config: Config,
+    reference: torch.Tensor | None = None,
+    eligible: torch.Tensor | None = None,
+) -> Verdict:
     """Flag the anomalous classes of ``recovery``, then keep only those that each of
     ``config.detection.confirmations`` independently seeded re-recoveries finds again.
 
@@ -118,8 +144,19 @@ def detect(recovery: Recovery, rerecover: Rerecover, config: Config, reference: 
     rows = torch.ones_like(values, dtype=torch.bool) if reference is None else reference
     eligible = torch.ones_like(rows) if eligible is None else eligible
     index = anomaly_index(values, side, reference=values[rows])
-    flagged = is_backdoor(index, values, recovery.success, d.anomaly_threshold, d.min_attack_success, side,
-                          d.min_trigger_shrink, values[rows]) & eligible
+    flagged = (
+        is_backdoor(
+            index,
+            values,
+            recovery.success,
+            d.anomaly_threshold,
+            d.min_attack_success,
+            side,
+            d.min_trigger_shrink,
+            values[rows],
+        )
+        & eligible
+    )
     confirmation = torch.full_like(index, float("nan"))  # fmin ignores the NaN of "not re-checked"
     if not flagged.any() or (rows & ~flagged).sum() < 2:
         return Verdict(index, flagged, confirmation)
@@ -137,8 +174,9 @@ def detect(recovery: Recovery, rerecover: Rerecover, config: Config, reference: 
     return Verdict(index, flagged, confirmation)
 
 
-def verify(targets: list[int], reference: torch.Tensor, rerecover: Rerecover, config: Config,
-           steps: int | None = None) -> tuple[Recovery, list[dict], torch.Tensor]:
+def verify(
+    targets: list[int], reference: torch.Tensor, rerecover: Rerecover, config: Config, steps: int | None = None
+) -> tuple[Recovery, list[dict], torch.Tensor]:
     """Recover ``targets`` afresh on a repaired model and judge each against ``reference``.
 
     An unlearned class's boundary stays easier to reach than the clean classes', so its trigger
@@ -148,14 +186,24 @@ def verify(targets: list[int], reference: torch.Tensor, rerecover: Rerecover, co
     shrink = max(config.detection.min_trigger_shrink, config.detection.verify_shrink)
     again = rerecover(targets, 0, steps, _found_by_mass(reference, config, shrink))
     index, found = judge(again, reference, config, shrink)
-    evidence = [{"target": t, "attack_success": float(s), "trigger_norm": float(n), "anomaly_index": float(a),
-                 "backdoor_found": bool(f)}
-                for t, s, n, a, f in zip(targets, again.success.tolist(), again.norms.tolist(), index.tolist(),
-                                         found.tolist())]
+    evidence = [
+        {
+            "target": t,
+            "attack_success": float(s),
+            "trigger_norm": float(n),
+            "anomaly_index": float(a),
+            "backdoor_found": bool(f),
+        }
+        for t, s, n, a, f in zip(
+            targets, again.success.tolist(), again.norms.tolist(), index.tolist(), found.tolist(), strict=True
+        )
+    ]
     return again, evidence, found
 
 
-def _found_by_mass(reference: torch.Tensor, config: Config, min_shrink: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _found_by_mass(
+    reference: torch.Tensor, config: Config, min_shrink: float
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For a recovery in progress: the classes whose smallest working mask [k] already makes them
     an outlier against ``reference`` (their held-out success is checked after). Mask family only."""
     if side_of(config.recovery.family) != "low":
@@ -164,7 +212,15 @@ def _found_by_mass(reference: torch.Tensor, config: Config, min_shrink: float) -
     def found(masses: torch.Tensor) -> torch.Tensor:
         values = score_values(masses.cpu(), torch.ones_like(masses.cpu()), "low")
         index = anomaly_index(values, "low", reference=reference)
-        return is_backdoor(index, values, torch.ones_like(values), config.detection.anomaly_threshold, 0.0, "low",
-                           min_shrink, reference) & torch.isfinite(masses.cpu())
+        return is_backdoor(
+            index,
+            values,
+            torch.ones_like(values),
+            config.detection.anomaly_threshold,
+            0.0,
+            "low",
+            min_shrink,
+            reference,
+        ) & torch.isfinite(masses.cpu())
 
     return found

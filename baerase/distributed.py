@@ -70,9 +70,7 @@ def gather(
     everyone = [None] * world
     dist.all_gather_object(everyone, local)
     states = [None] * world if rank == 0 else None
-    state = (
-        None if triggers is None else (triggers.meta, {k: v.cpu() for k, v in triggers.state_dict().items()})
-    )
+    state = None if triggers is None else (triggers.meta, {k: v.cpu() for k, v in triggers.state_dict().items()})
     dist.gather_object(state, states, dst=0)
 
     # Position of each chunk's rows inside the payload of the rank that computed it.
@@ -92,8 +90,9 @@ def gather(
     return TriggerSet.concat(pieces).to(device), success, norms
 
 
-def gather_values(chunks: list[list[int]], mine: list[list[int]], values: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
+def gather_values(
+    chunks: list[list[int]], mine: list[list[int]], values: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Every rank's per-class ``values`` [k] in the order of ``chunks``, on every rank."""
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, {"chunks": mine, "values": values.detach().cpu()})
@@ -101,7 +100,7 @@ def gather_values(chunks: list[list[int]], mine: list[list[int]], values: torch.
     for part in everyone:
         offset = 0
         for piece in part["chunks"]:
-            where[tuple(piece)] = part["values"][offset:offset + len(piece)]
+            where[tuple(piece)] = part["values"][offset : offset + len(piece)]
             offset += len(piece)
     return torch.cat([where[tuple(piece)] for piece in chunks]).to(device)
 

@@ -1,4 +1,5 @@
 """Progress bars: one per phase, named by what it does; silent unless ``config.run.progress``."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

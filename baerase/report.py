@@ -99,16 +99,43 @@ class ScanReport:
         ``verdict`` (detect.Verdict) the flags; ``backends`` the op backends that ran."""
         cfg, recovery = inputs.config, screened.recovery
         full = [True] * len(recovery.targets) if screened.recovered is None else screened.recovered.tolist()
-        columns = zip(recovery.targets, recovery.success.tolist(), recovery.norms.tolist(), verdict.index.tolist(),
-                      verdict.flagged.tolist(), verdict.confirmation.tolist(), recovery.steps.tolist(), full)
-        classes = [ClassResult(target=t, attack_success=s, trigger_norm=n, anomaly_index=a, flagged=bool(f),
-                               confirmation_index=None if c != c else c, steps=int(r), screened_out=not whole)
-                   for t, s, n, a, f, c, r, whole in columns]
+        columns = zip(
+            recovery.targets,
+            recovery.success.tolist(),
+            recovery.norms.tolist(),
+            verdict.index.tolist(),
+            verdict.flagged.tolist(),
+            verdict.confirmation.tolist(),
+            recovery.steps.tolist(),
+            full,
+            strict=False,
+        )
+        classes = [
+            ClassResult(
+                target=t,
+                attack_success=s,
+                trigger_norm=n,
+                anomaly_index=a,
+                flagged=bool(f),
+                confirmation_index=None if c != c else c,
+                steps=int(r),
+                screened_out=not whole,
+            )
+            for t, s, n, a, f, c, r, whole in columns
+        ]
         stamp_op = "trigger_apply" if cfg.recovery.family == "mask" else "patch_apply"
-        return ScanReport(classes=classes, num_classes=inputs.num_classes, image_shape=tuple(inputs.images.shape[1:]),
-                          family=cfg.recovery.family, backend=backends.get(stamp_op, "ref"), config=cfg.to_dict(),
-                          seconds=seconds, provenance=provenance(inputs, backends), triggers=recovery.triggers,
-                          cost=cost)
+        return ScanReport(
+            classes=classes,
+            num_classes=inputs.num_classes,
+            image_shape=tuple(inputs.images.shape[1:]),
+            family=cfg.recovery.family,
+            backend=backends.get(stamp_op, "ref"),
+            config=cfg.to_dict(),
+            seconds=seconds,
+            provenance=provenance(inputs, backends),
+            triggers=recovery.triggers,
+            cost=cost,
+        )
 
     @staticmethod
     def load(directory: str | os.PathLike) -> ScanReport:
@@ -314,9 +341,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
-        raise InputError(
-            f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)"
-        )
+        raise InputError(f"output directory {out} already exists; choose another or pass overwrite=True (--overwrite)")
     if out.is_symlink() or not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory; choose another path")
     if any(out.iterdir()) and not (out / "report.json").is_file():
@@ -350,10 +375,16 @@ def provenance(inputs, backends: dict[str, str]) -> dict:
     from .models.io import sha256_file, source_of
 
     record = {
-        "baerase": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "device": str(inputs.device), "backends": dict(backends),
-        "seed": inputs.config.run.seed, "config": inputs.config.to_dict(),
-        "model_sha256": sha256_model(inputs.model), "data_sha256": sha256_tensors(inputs.images, inputs.labels),
+        "baerase": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(inputs.device),
+        "backends": dict(backends),
+        "seed": inputs.config.run.seed,
+        "config": inputs.config.to_dict(),
+        "model_sha256": sha256_model(inputs.model),
+        "data_sha256": sha256_tensors(inputs.images, inputs.labels),
     }
     if inputs.device.type == "cuda":
         record["cuda"] = torch.version.cuda

@@ -60,9 +60,7 @@ def check_images(images: object) -> torch.Tensor:
     if images.dim() != 4:
         raise InputError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise InputError(
-            f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 pixels by 255"
-        )
+        raise InputError(f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 pixels by 255")
     if len(images) < MIN_IMAGES:
         raise InputError(f"need at least {MIN_IMAGES} clean images, got {len(images)}")
     if not torch.isfinite(images).all():
@@ -118,7 +116,7 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     model.eval()
     try:
         out = model(x)
-    except Exception as exc:  # noqa: BLE001 (any failure here means the model does not accept these images)
+    except Exception as exc:
         raise InputError(
             f"the model failed on images of shape {tuple(images.shape[1:])} (C, H, W): "
             f"{type(exc).__name__}: {exc}. Check the channel count and image size the model expects."
@@ -140,9 +138,7 @@ def probe_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         )
     k = out.shape[1]
     if labels.max().item() >= k:
-        raise InputError(
-            f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})"
-        )
+        raise InputError(f"labels go up to {labels.max().item()} but the model returns {k} logits (classes 0..{k - 1})")
     return k
 
 
@@ -173,8 +169,12 @@ class Inputs:
 
         run = self.config.run
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), ops.use_backend(run.backend), using_threads(run.threads), \
-                ops.record_backends() as used:
+        with (
+            torch.random.fork_rng(devices=devices),
+            ops.use_backend(run.backend),
+            using_threads(run.threads),
+            ops.record_backends() as used,
+        ):
             torch.manual_seed(run.seed)
             yield used
 
@@ -188,7 +188,9 @@ def check_config(config: object) -> Config:
     return config
 
 
-def prepare(model, images, labels, normalize, config: Config | None, held_out: float, keep: int | None = None) -> Inputs:
+def prepare(
+    model, images, labels, normalize, config: Config | None, held_out: float, keep: int | None = None
+) -> Inputs:
     """Check every input once and split the clean data: ``held_out`` of it (at most ``keep``
     images) judges, the rest trains. The split is stratified and seeded by ``config.run.seed``."""
     from .data import as_tensors, split

@@ -10,6 +10,7 @@ both defenses are counted the same way (the audit's count is baerase's own cost 
 do not drift with the machine's load. Each run
 appends its figures to benchmarks/results/audit_cost.md.
 """
+
 from __future__ import annotations
 
 import time
@@ -68,13 +69,21 @@ def test_scan_vs_neural_cleanse(benchmark, case):
     nc, nc_seconds, nc_images = _timed(lambda: reverse_engineer(model, x, y, steps=200, seed=0), model)
     benchmark.pedantic(lambda: None, rounds=1)
     benchmark.extra_info.update(
-        baerase_images_per_class=images / 10, neural_cleanse_images_per_class=nc_images / 10,
-        baerase_seconds=seconds, neural_cleanse_seconds=nc_seconds, speedup=nc_seconds / seconds,
-        baerase_flagged=report.flagged, neural_cleanse_flagged=nc.flagged, target=TARGET)
+        baerase_images_per_class=images / 10,
+        neural_cleanse_images_per_class=nc_images / 10,
+        baerase_seconds=seconds,
+        neural_cleanse_seconds=nc_seconds,
+        speedup=nc_seconds / seconds,
+        baerase_flagged=report.flagged,
+        neural_cleanse_flagged=nc.flagged,
+        target=TARGET,
+    )
     _figures["scan"] = dict(benchmark.extra_info, phases=report.cost.to_dict()["phases"])
-    print(f"\nscan: baerase {images / 10:,.0f} images/class in {seconds:.1f}s (flagged {report.flagged}); "
-          f"Neural Cleanse {nc_images / 10:,.0f} in {nc_seconds:.1f}s (flagged {nc.flagged}): "
-          f"{nc_seconds / seconds:.1f}x faster, {nc_images / max(images, 1):.1f}x fewer images")
+    print(
+        f"\nscan: baerase {images / 10:,.0f} images/class in {seconds:.1f}s (flagged {report.flagged}); "
+        f"Neural Cleanse {nc_images / 10:,.0f} in {nc_seconds:.1f}s (flagged {nc.flagged}): "
+        f"{nc_seconds / seconds:.1f}x faster, {nc_images / max(images, 1):.1f}x fewer images"
+    )
 
 
 def test_whole_audit(benchmark, case):
@@ -87,11 +96,19 @@ def test_whole_audit(benchmark, case):
     cost = report.cost.merged(result.cost)
     asr = attack_success_rate(result.model, x_test, y_test, trigger, TARGET)
     drop = clean_accuracy(model, x_test, y_test) - clean_accuracy(result.model, x_test, y_test)
-    benchmark.extra_info.update(images_per_class=cost.per_class(10), seconds=seconds, flagged=report.flagged,
-                                asr_after=asr, accuracy_drop=drop, rounds=result.rounds)
+    benchmark.extra_info.update(
+        images_per_class=cost.per_class(10),
+        seconds=seconds,
+        flagged=report.flagged,
+        asr_after=asr,
+        accuracy_drop=drop,
+        rounds=result.rounds,
+    )
     _figures["audit"] = dict(benchmark.extra_info, phases=cost.to_dict()["phases"])
-    print(f"\naudit: {cost.per_class(10):,.0f} images/class in {seconds:.1f}s; flagged {report.flagged}, "
-          f"ASR after {asr:.3%}, test accuracy drop {drop:+.3f}\n{cost.table(10)}")
+    print(
+        f"\naudit: {cost.per_class(10):,.0f} images/class in {seconds:.1f}s; flagged {report.flagged}, "
+        f"ASR after {asr:.3%}, test accuracy drop {drop:+.3f}\n{cost.table(10)}"
+    )
     _write()
 
 
@@ -101,7 +118,8 @@ def _write() -> None:
         return
     rows = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M')} ({torch.get_num_threads()} threads, baerase {baerase.__version__})",
-        "| | baerase | Neural Cleanse (200 steps, batch 32) |", "|---|---:|---:|",
+        "| | baerase | Neural Cleanse (200 steps, batch 32) |",
+        "|---|---:|---:|",
         f"| scan: model images per class | {scan['baerase_images_per_class']:,.0f} | "
         f"{scan['neural_cleanse_images_per_class']:,.0f} |",
         f"| scan: seconds | {scan['baerase_seconds']:.1f} | {scan['neural_cleanse_seconds']:.1f} |",

@@ -58,8 +58,14 @@ FULL = Size("full", width=64, side=224, classes=1000, images=2000, knobs=FAST)
 # per pixel for each class (1.6 GB for 1,000 here, 5.6 GB at 32 px); steps=30 bounds the full recovery;
 # chunk_size because the planner budgets model activations only and would train all 1,000 generators
 # and their Adam states at once.
-REDUCED = Size("reduced", width=8, side=16, classes=1000, images=1000,
-               knobs={"channels_last": True, "steps": 30, "chunk_size": 100})
+REDUCED = Size(
+    "reduced",
+    width=8,
+    side=16,
+    classes=1000,
+    images=1000,
+    knobs={"channels_last": True, "steps": 30, "chunk_size": 100},
+)
 
 
 def large_size(device: torch.device) -> Size:
@@ -120,10 +126,13 @@ def planted(dev: torch.device, classes: int = 100, side: int = 16, per_class: in
     x, y = make_colour(classes, per_class + 10, side=side)
     (x, y), (cx, cy) = split(x, y, [per_class / (per_class + 10), 10 / (per_class + 10)])
     trigger = BadNets(size=3, position="corner")
-    model = train_backdoored(SmallCNN(3, classes, side).to(dev), x, y, trigger, TARGET, rate=0.1, epochs=epochs,
-                             lr=3e-3)
-    quality = {"clean_accuracy": clean_accuracy(model, cx, cy),
-               "attack_success": attack_success_rate(model, cx, cy, trigger, TARGET)}
+    model = train_backdoored(
+        SmallCNN(3, classes, side).to(dev), x, y, trigger, TARGET, rate=0.1, epochs=epochs, lr=3e-3
+    )
+    quality = {
+        "clean_accuracy": clean_accuracy(model, cx, cy),
+        "attack_success": attack_success_rate(model, cx, cy, trigger, TARGET),
+    }
     return model, cx.to(dev), cy.to(dev), quality
 
 
@@ -143,16 +152,34 @@ def record(benchmark, report, case: str, dev: torch.device, knobs: dict, what: s
     phases = report.cost.to_dict()["phases"]
     # The defaults move: the row names the family and steps the scan really used.
     used = {"family": report.config["recovery"]["family"], "steps": report.config["recovery"]["steps"], **knobs}
-    info = {"case": case, "device": device_name(dev), "settings": settings(used), "size": what,
-            "seconds": round(report.seconds, 2), "images_per_class": round(report.cost.per_class(k), 1),
-            "phases": phases, "flagged": report.flagged, **extra}
+    info = {
+        "case": case,
+        "device": device_name(dev),
+        "settings": settings(used),
+        "size": what,
+        "seconds": round(report.seconds, 2),
+        "images_per_class": round(report.cost.per_class(k), 1),
+        "phases": phases,
+        "flagged": report.flagged,
+        **extra,
+    }
     benchmark.extra_info.update(info)
     seconds = " / ".join(f"{phases[p]['seconds']:.1f}" if p in phases else "-" for p in ("recovery", "confirmation"))
     flagged = str(report.flagged)
     if "target" in extra:
         flagged += f" (target {extra['target']}{', screened out' if extra.get('target_screened_out') else ''})"
-    append_row([case, info["device"], what, info["settings"], f"{report.seconds:.1f}", seconds,
-                f"{info['images_per_class']:,.0f}", flagged])
+    append_row(
+        [
+            case,
+            info["device"],
+            what,
+            info["settings"],
+            f"{report.seconds:.1f}",
+            seconds,
+            f"{info['images_per_class']:,.0f}",
+            flagged,
+        ]
+    )
 
 
 def append_row(cells: list[str]) -> None:
@@ -178,8 +205,18 @@ def test_large_scan(benchmark, family):
     need, have = trigger_state_bytes(size, family), memory_bytes(dev)
     if need > have:
         # Known limit: the scan keeps a generator per class; skip rather than spend the run on an OOM.
-        append_row([f"large {family}", device_name(dev), size.describe(), settings(knobs), "-", "-", "-",
-                    f"skipped: kept generators need {need / 2**30:.0f} GiB, {have / 2**30:.0f} GiB on the device"])
+        append_row(
+            [
+                f"large {family}",
+                device_name(dev),
+                size.describe(),
+                settings(knobs),
+                "-",
+                "-",
+                "-",
+                f"skipped: kept generators need {need / 2**30:.0f} GiB, {have / 2**30:.0f} GiB on the device",
+            ]
+        )
         pytest.skip(f"{family}: the kept trigger generators need {need / 2**30:.0f} GiB > {have / 2**30:.0f} GiB")
     model = build_large(size, dev)
     x, y = clean_data(size, dev)
@@ -198,8 +235,21 @@ def test_planted_detection(benchmark):
     warm = warm_up(model, x, y, config)
     benchmark.group = "scan planted"
     report = benchmark.pedantic(baerase.scan, args=(model, x, y), kwargs={"config": config}, rounds=1, iterations=1)
-    what = (f"SmallCNN, make_colour K=100 16x16, BadNets 3x3 corner (CA {quality['clean_accuracy']:.0%}, "
-            f"ASR {quality['attack_success']:.0%}), {len(y)} clean images")
-    record(benchmark, report, "planted badnets", dev, knobs, what, target=TARGET,
-           target_flagged=TARGET in report.flagged, false_flags=[c for c in report.flagged if c != TARGET],
-           target_screened_out=report.classes[TARGET].screened_out, warmup_seconds=round(warm, 1), **quality)
+    what = (
+        f"SmallCNN, make_colour K=100 16x16, BadNets 3x3 corner (CA {quality['clean_accuracy']:.0%}, "
+        f"ASR {quality['attack_success']:.0%}), {len(y)} clean images"
+    )
+    record(
+        benchmark,
+        report,
+        "planted badnets",
+        dev,
+        knobs,
+        what,
+        target=TARGET,
+        target_flagged=TARGET in report.flagged,
+        false_flags=[c for c in report.flagged if c != TARGET],
+        target_screened_out=report.classes[TARGET].screened_out,
+        warmup_seconds=round(warm, 1),
+        **quality,
+    )

@@ -95,7 +95,7 @@ def _one_thread():
 
 
 @pytest.mark.parametrize(
-    "name,k,chunk", [("batched", 10, None), ("batched", 100, None), ("batched", 1000, None), ("loop", 100, 1)]
+    ("name", "k", "chunk"), [("batched", 10, None), ("batched", 100, None), ("batched", 1000, None), ("loop", 100, 1)]
 )
 def test_scan_scale(benchmark, name, k, chunk):
     model, x, y = _trained(k)
@@ -144,15 +144,9 @@ def test_ranks(benchmark, tmp_path, ranks):
     script = tmp_path / "scan.py"
     script.write_text(SCRIPT)
     args = [str(script), str(tmp_path / "model.pt"), json.dumps([k, SIDE, PER_CLASS, CONFIG])]
-    launch = [sys.executable] + args
+    launch = [sys.executable, *args]
     if ranks > 1:
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-        ] + args
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run():
@@ -172,9 +166,7 @@ def _table() -> list[str]:
     ]
     for case, row in _RESULTS.items():
         peak = "-" if row["peak"] is None else f"{row['peak'] / 2**20:.0f}"
-        lines.append(
-            f"| {case} | {row['k']} | {row['seconds']:.2f} | {1e3 * row['seconds'] / row['k']:.1f} | {peak} |"
-        )
+        lines.append(f"| {case} | {row['k']} | {row['seconds']:.2f} | {1e3 * row['seconds'] / row['k']:.1f} | {peak} |")
 
     def ratio(a, b, what):
         if a in _RESULTS and b in _RESULTS:

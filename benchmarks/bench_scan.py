@@ -5,6 +5,7 @@
 ``cpp+compile`` is the C++ ops with ``Config(compile=True)`` (the model itself under torch.compile;
 its one-off compile time falls in the warm-up round).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,9 +36,11 @@ def test_scan(benchmark, case, backend):
     images = torch.rand(400, *shape, device=device)
     labels = torch.arange(400, device=device) % k
     config = baerase.Config(steps=30, backend=ops_backend, compile=bool(compiled), progress=False)
-    benchmark.pedantic(baerase.scan, args=(model, images, labels), kwargs={"config": config}, rounds=3,
-                       warmup_rounds=1)
+    benchmark.pedantic(baerase.scan, args=(model, images, labels), kwargs={"config": config}, rounds=3, warmup_rounds=1)
     _times[(case, backend)] = benchmark.stats.stats.median
     base = _times.get((case, "ref"))
     if base is not None and backend != "ref":
-        print(f"\n{case}: {backend} {benchmark.stats.stats.median:.2f}s vs ref {base:.2f}s -> {base / benchmark.stats.stats.median:.2f}x")
+        print(
+            f"\n{case}: {backend} {benchmark.stats.stats.median:.2f}s vs ref {base:.2f}s "
+            f"-> {base / benchmark.stats.stats.median:.2f}x"
+        )

@@ -82,9 +82,11 @@ def _print_summary(busy: int, load_at_start: float) -> None:
     if "1 thread" not in _medians:
         return
     base = _medians["1 thread"]
-    print(f"\nthreads: torch {torch.__version__}, os.cpu_count() {os.cpu_count()}, available_cpus() "
-          f"{SETTINGS['available_cpus']}, torch default {TORCH_DEFAULT}, busy neighbours {busy}, "
-          f"load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(
+        f"\nthreads: torch {torch.__version__}, os.cpu_count() {os.cpu_count()}, available_cpus() "
+        f"{SETTINGS['available_cpus']}, torch default {TORCH_DEFAULT}, busy neighbours {busy}, "
+        f"load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+    )
     print(f"{'setting':<16}{'threads':>8}{'median ms':>11}{'steps/s':>9}{'x 1 thread':>12}")
     for setting, median in _medians.items():
         print(f"{setting:<16}{SETTINGS[setting]:>8}{median * 1e3:>11.2f}{1 / median:>9.1f}{base / median:>12.2f}")

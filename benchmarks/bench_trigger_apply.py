@@ -16,9 +16,7 @@ from baerase.ops import trigger_apply
 from baerase.ops.reference import trigger_apply_ref
 
 
-def _apply_case(
-    device: str, k: int, b: int, c: int, h: int, w: int, dtype=torch.float32, mask_c: int = 1
-) -> Case:
+def _apply_case(device: str, k: int, b: int, c: int, h: int, w: int, dtype=torch.float32, mask_c: int = 1) -> Case:
     es = torch.finfo(dtype).bits // 8
     image, mask, pattern, out = (
         b * c * h * w * es,

@@ -67,11 +67,7 @@ def peak_gbps(device: str) -> float | None:
 
 def pytest_collect_file(file_path, parent):
     # bench_*.py are not test_*.py: collect them when a folder is given (explicit paths already are).
-    if (
-        file_path.suffix == ".py"
-        and file_path.name.startswith("bench_")
-        and not parent.session.isinitpath(file_path)
-    ):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -203,9 +199,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     write = terminalreporter.write_line
     terminalreporter.section("baerase ops: median time, speed-up over ref, achieved bandwidth")
-    write(
-        f"{'op':<14}{'case':<34}{'mode':<10}{'provider':<10}{'median ms':>11}{'x ref':>8}{'GB/s':>9}{'% peak':>8}"
-    )
+    write(f"{'op':<14}{'case':<34}{'mode':<10}{'provider':<10}{'median ms':>11}{'x ref':>8}{'GB/s':>9}{'% peak':>8}")
     for (op, case_id, mode), by_provider in sorted(_RESULTS.items()):
         ref = by_provider.get("ref")
         for provider in PROVIDERS:

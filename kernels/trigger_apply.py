@@ -188,9 +188,7 @@ def trigger_apply_bwd(
     """grad_out [K, B, C, H, W] -> (grad_mask_logits like mask_logits, grad_pattern like pattern),
     reduced over B (and over C for a 1-channel mask) in fp32."""
     op = "trigger_apply_bwd"
-    device = check_tensors(
-        op, grad_out=grad_out, x=x, mask_logits=mask_logits, pattern=pattern, mean=mean, std=std
-    )
+    device = check_tensors(op, grad_out=grad_out, x=x, mask_logits=mask_logits, pattern=pattern, mean=mean, std=std)
     k, b, c, hw, cm, per_sample = _check(op, x, mask_logits, pattern, mean, std)
     check_float(op, grad_out=grad_out)
     if grad_out.shape != (k, *x.shape):

@@ -104,9 +104,7 @@ def _trigger_loss_bwd_kernel(
     g_n = tl.load(grad_nll_ptr + rows, mask=row_ok, other=0.0)
     coef = g_n - tl.where(p_t <= beta, g_h * p_t, 0.0)  # dL/dnll, the hinge being exp(-nll)
     # -inf padding: exp(z - lse) is then 0, not an overflow, outside the tile.
-    z = tl.load(logits_ptr + rows[:, None] * stride_m + cols[None, :], mask=ok, other=float("-inf")).to(
-        tl.float32
-    )
+    z = tl.load(logits_ptr + rows[:, None] * stride_m + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
     p = tl.exp(z - lse[:, None])
     onehot = cols[None, :] == t[:, None]
     grad = coef[:, None] * tl.where(onehot, p - 1.0, p)
@@ -115,9 +113,7 @@ def _trigger_loss_bwd_kernel(
 
 def _check(op: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
     if logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES:
-        raise InputError(
-            f"{op}: logits must be a float [M, Kc] tensor, got {logits.dtype} {list(logits.shape)}"
-        )
+        raise InputError(f"{op}: logits must be a float [M, Kc] tensor, got {logits.dtype} {list(logits.shape)}")
     m, kc = logits.shape
     if kc == 0:
         raise InputError(f"{op}: logits need at least one class column")
@@ -167,9 +163,7 @@ def trigger_loss_bwd(
 ) -> torch.Tensor:
     """Upstream fp32 [M] gradients of (hinge, nll) -> grad_logits [M, Kc] in logits.dtype."""
     op = "trigger_loss_bwd"
-    device = check_tensors(
-        op, grad_hinge=grad_hinge, grad_nll=grad_nll, logits=logits, target=target, lse=lse
-    )
+    device = check_tensors(op, grad_hinge=grad_hinge, grad_nll=grad_nll, logits=logits, target=target, lse=lse)
     m, kc = _check(op, logits, target)
     for name, t in (("grad_hinge", grad_hinge), ("grad_nll", grad_nll), ("lse", lse)):
         if t.shape != (m,) or t.dtype != torch.float32:

@@ -144,7 +144,8 @@ def test_erase_that_no_step_fits_the_guard_says_so_and_returns_the_model_unchang
     m = model()
     report = _scan(m=m)
     report.classes[1].flagged = True  # force an erase whatever this random model scored
-    monkeypatch.setattr(baerase.api, "allowed_drop", lambda *a: -1.0)  # a floor above 100%: no step can meet it
+    # A floor above 100%: no step can meet it.
+    monkeypatch.setattr(unlearn_module.rounds, "allowed_drop", lambda *a: -1.0)
     with pytest.warns(UserWarning, match="returned unchanged"):
         result = baerase.erase(m, X, Y, report, config=CFG)
     assert not result.changed and not result.to_dict()["changed"] and "returned unchanged" in result.summary()

@@ -19,9 +19,7 @@ def normalizer(normalize: Normalize, channels: int, device=None) -> Callable[[to
         return lambda x: x
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1) for v in normalize)
     if mean.numel() not in (1, channels) or std.numel() not in (1, channels):
-        raise InputError(
-            f"normalize: mean/std need 1 or {channels} values, got {mean.numel()} and {std.numel()}"
-        )
+        raise InputError(f"normalize: mean/std need 1 or {channels} values, got {mean.numel()} and {std.numel()}")
     if (std <= 0).any():
         raise InputError("normalize: std must be positive")
     mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
@@ -64,9 +62,7 @@ def poison(
     candidates = torch.nonzero(y != target).flatten()
     count = round(rate * len(y))
     if count > len(candidates):
-        raise InputError(
-            f"poison: rate {rate} needs {count} non-target images but only {len(candidates)} exist"
-        )
+        raise InputError(f"poison: rate {rate} needs {count} non-target images but only {len(candidates)} exist")
     g = torch.Generator().manual_seed(seed)
     idx = candidates[torch.randperm(len(candidates), generator=g)[:count].to(candidates.device)]
     x, y = x.clone(), y.clone()
@@ -151,9 +147,7 @@ def train_backdoored(
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module, x: torch.Tensor, normalize: Normalize = None, batch_size: int = 1024
-) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, normalize: Normalize = None, batch_size: int = 1024) -> torch.Tensor:
     """Predicted classes ``[N]`` (CPU int64) for ``x [N, C, H, W]``, batched, in eval mode.
 
     The model's train/eval mode is restored afterwards.

@@ -25,9 +25,7 @@ def _check_images(x: torch.Tensor, who: str) -> None:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"{who}: images must be a tensor [N, C, H, W], got {shape}")
     if not x.is_floating_point():
-        raise InputError(
-            f"{who}: images must be float in [0, 1], got dtype {x.dtype}; divide uint8 data by 255"
-        )
+        raise InputError(f"{who}: images must be float in [0, 1], got dtype {x.dtype}; divide uint8 data by 255")
 
 
 def _to_channels(p: torch.Tensor, channels: int, who: str) -> torch.Tensor:
@@ -97,19 +95,13 @@ class PatchTrigger(Trigger):
             raise InputError(f"{self.name}: pattern values must lie in [0, 1]")
         self.pattern = pattern
         h, w = pattern.shape[-2:]
-        self.shape_mask = (
-            torch.ones(h, w) if shape_mask is None else torch.as_tensor(shape_mask, dtype=torch.float32)
-        )
+        self.shape_mask = torch.ones(h, w) if shape_mask is None else torch.as_tensor(shape_mask, dtype=torch.float32)
         if self.shape_mask.shape != (h, w):
-            raise InputError(
-                f"{self.name}: shape mask {tuple(self.shape_mask.shape)} != pattern size {(h, w)}"
-            )
+            raise InputError(f"{self.name}: shape mask {tuple(self.shape_mask.shape)} != pattern size {(h, w)}")
         if not (isinstance(position, str) and position in ("random", "corner")) and not (
             isinstance(position, (tuple, list)) and len(position) == 2
         ):
-            raise InputError(
-                f"{self.name}: position must be 'random', 'corner' or (row, col), got {position!r}"
-            )
+            raise InputError(f"{self.name}: position must be 'random', 'corner' or (row, col), got {position!r}")
         if not 0.0 < alpha <= 1.0:
             raise InputError(f"{self.name}: alpha must be in (0, 1], got {alpha}")
         self.position = tuple(int(v) for v in position) if not isinstance(position, str) else position
@@ -135,9 +127,7 @@ class PatchTrigger(Trigger):
         r, c = self.position
         r, c = (r + height if r < 0 else r), (c + width if c < 0 else c)
         if not (0 <= r <= height - h and 0 <= c <= width - w):
-            raise InputError(
-                f"{self.name}: position {self.position} puts the {h}x{w} patch outside {height}x{width}"
-            )
+            raise InputError(f"{self.name}: position {self.position} puts the {h}x{w} patch outside {height}x{width}")
         return r, c
 
     def positions(self, n: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,9 +266,7 @@ class TrojanWatermark(PatchTrigger):
         mask = torch.ones(size, size) if shape == "square" else ring_mask(size, logo=shape == "logo")
         self.shape = shape
         self.neurons: list[int] = []
-        super().__init__(
-            torch.ones(1, size, size) if pattern is None else pattern, mask, position, seed, alpha
-        )
+        super().__init__(torch.ones(1, size, size) if pattern is None else pattern, mask, position, seed, alpha)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "shape": self.shape, "neurons": list(self.neurons)}
@@ -286,9 +274,7 @@ class TrojanWatermark(PatchTrigger):
 
 def _kitty(height: int, width: int) -> torch.Tensor:
     """Procedural cartoon cat face ``[3, H, W]`` (stands in for the Hello Kitty blend image)."""
-    v, u = torch.meshgrid(
-        torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
-    )  # v down, u right
+    v, u = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")  # v down, u right
     img = torch.empty(3, height, width)
     img[:] = torch.tensor([1.0, 0.75, 0.85])[:, None, None]  # pink background
 
@@ -302,9 +288,7 @@ def _kitty(height: int, width: int) -> torch.Tensor:
     paint(((u.abs() - 0.35) / 0.08) ** 2 + ((v - 0.1) / 0.13) ** 2 < 1, (0.0, 0.0, 0.0))  # eyes
     paint((u / 0.1) ** 2 + ((v - 0.3) / 0.06) ** 2 < 1, (1.0, 0.85, 0.0))  # nose
     for dv in (-0.06, 0.06):  # whiskers
-        paint(
-            ((u.abs() > 0.5) & (u.abs() < 0.95) & ((v - 0.3 - dv * (1 + u.abs())).abs() < 0.025)), (0, 0, 0)
-        )
+        paint(((u.abs() > 0.5) & (u.abs() < 0.95) & ((v - 0.3 - dv * (1 + u.abs())).abs() < 0.025)), (0, 0, 0))
     bow = ((u - 0.45) / 0.22) ** 2 + ((v + 0.55) / 0.15) ** 2 < 1
     paint(bow | (((u - 0.72) / 0.2) ** 2 + ((v + 0.6) / 0.15) ** 2 < 1), (0.9, 0.05, 0.2))
     return img
@@ -321,9 +305,7 @@ class Blended(Trigger):
     name = "blended"
     PATTERNS = ("sine", "noise", "kitty")
 
-    def __init__(
-        self, pattern: str | torch.Tensor = "sine", alpha: float = 0.15, period: float = 6.0, seed: int = 0
-    ):
+    def __init__(self, pattern: str | torch.Tensor = "sine", alpha: float = 0.15, period: float = 6.0, seed: int = 0):
         if isinstance(pattern, str) and pattern not in self.PATTERNS:
             raise InputError(f"blended: pattern must be one of {self.PATTERNS} or a tensor, got {pattern!r}")
         if not isinstance(pattern, str):
@@ -341,9 +323,7 @@ class Blended(Trigger):
             if tuple(p.shape[-2:]) != (height, width):
                 p = F.interpolate(p[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         elif self.pattern == "sine":
-            p = 0.5 + 0.5 * torch.sin(torch.arange(width) * (2 * math.pi / self.period)).expand(
-                1, height, width
-            )
+            p = 0.5 + 0.5 * torch.sin(torch.arange(width) * (2 * math.pi / self.period)).expand(1, height, width)
         elif self.pattern == "noise":
             p = torch.rand(channels, height, width, generator=torch.Generator().manual_seed(self.seed))
         else:

@@ -18,7 +18,8 @@ def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
         return x[:, None]
     if x.ndim != 4:
         raise InputError(
-            f"{source}: images must have 3 or 4 dimensions ([N,H,W], [N,C,H,W] or [N,H,W,C]), got shape {tuple(x.shape)}"
+            f"{source}: images must have 3 or 4 dimensions ([N,H,W], [N,C,H,W] or [N,H,W,C]), "
+            f"got shape {tuple(x.shape)}"
         )
     # Grey or RGB (1 or 3) is the strongest hint, then RGBA (4); a [N,3,3,3] array is ambiguous and
     # taken as channels-first, torch's convention.
@@ -60,7 +61,7 @@ def images_to_float(x: np.ndarray, source: str) -> np.ndarray:
         # Integer or float pixels on the 0-255 scale are common enough to accept, but say so.
         if x.dtype.kind == "f":
             warnings.warn(
-                f"{source}: float images range up to {hi:.4g}; treating them as 0-255 and dividing by 255"
+                f"{source}: float images range up to {hi:.4g}; treating them as 0-255 and dividing by 255", stacklevel=2
             )
         return xf / np.float32(255.0)
     raise InputError(f"{source}: image values go up to {hi:.4g}; expected 0-1 (float) or 0-255 (uint8)")

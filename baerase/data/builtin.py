@@ -23,9 +23,7 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(MNIST_PATH, allow_pickle=False) as f:
             x, y = f["images"], f["labels"]
     except Exception as exc:  # a broken install, not a user error
-        raise LoadError(
-            f"{MNIST_PATH}: embedded MNIST data is missing or damaged ({exc}); reinstall baerase"
-        ) from exc
+        raise LoadError(f"{MNIST_PATH}: embedded MNIST data is missing or damaged ({exc}); reinstall baerase") from exc
     images = torch.from_numpy(x.astype(np.float32)[:, None] / np.float32(255.0))
     return images, torch.from_numpy(y.astype(np.int64))
 
@@ -48,10 +46,7 @@ def _prototype(c: int, seed: int, size: int) -> np.ndarray:
     wave2 = np.sin(2 * np.pi * freq2 * (u * np.cos(theta2) + v * np.sin(theta2)) + phase2)
     p = (0.5 + 0.5 * ((1 - mix2) * wave + mix2 * wave2)).astype(np.float32)
     img = c0 * (1 - p) + c1 * p
-    if square:
-        dist = np.maximum(np.abs(u - cx), np.abs(v - cy))
-    else:
-        dist = np.hypot(u - cx, v - cy)
+    dist = np.maximum(np.abs(u - cx), np.abs(v - cy)) if square else np.hypot(u - cx, v - cy)
     # Soft edge so a one-pixel shift changes the image smoothly.
     shape = np.clip((radius - dist) * size / 1.5 + 0.5, 0.0, 1.0).astype(np.float32)
     return img * (1 - shape) + c2 * shape

@@ -79,7 +79,7 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
         raise LoadError(f"{path}: not a valid .npz file ({exc})") from None
     except OSError as exc:
         raise LoadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except Exception as exc:  # noqa: BLE001 - zlib.error, numpy header ValueError, CRC errors...
+    except Exception as exc:
         raise LoadError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from None
 
 
@@ -119,9 +119,7 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         with Image.open(path) as im:
             # The header is read lazily; refuse absurd sizes (often a corrupt header) before decoding.
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise LoadError(
-                    f"{path}: image is {im.width}x{im.height}, over the {MAX_IMAGE_PIXELS}-pixel limit"
-                )
+                raise LoadError(f"{path}: image is {im.width}x{im.height}, over the {MAX_IMAGE_PIXELS}-pixel limit")
             im.load()
             grey = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
             im = im.convert("L" if grey else "RGB")
@@ -134,7 +132,7 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         raise LoadError(f"{path}: cannot read image ({exc})") from None
     except MemoryError:
         raise LoadError(f"{path}: image too large to decode") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises DecompressionBombError, ValueError, SyntaxError...
+    except Exception as exc:
         raise LoadError(f"{path}: corrupt image ({type(exc).__name__}: {exc})") from None
 
 
@@ -168,16 +166,12 @@ def _stack_images(files: list[tuple[Path, int]], size: tuple[int, int] | None, s
 
 def _class_dirs(root: Path) -> list[Path]:
     try:
-        return sorted(
-            (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
-        )
+        return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
     except OSError as exc:
         raise LoadError(f"{root}: cannot list ({exc.strerror or exc})") from None
 
 
-def load_image_folder(
-    root: PathLike, size: int | tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_folder(root: PathLike, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Load an ImageFolder tree ``root/<class_name>/*.png|jpg|ppm...``; classes are the sub-folders
     sorted by name, numbered from 0.
 
@@ -270,9 +264,7 @@ def _cifar_batch(path: Path, coarse: bool) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def load_cifar(
-    path: PathLike, split: str = "train", coarse: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar(path: PathLike, split: str = "train", coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Load CIFAR-10/100 python batches: one batch file, or the extracted directory
     (``cifar-10-batches-py`` with ``data_batch_1..5``/``test_batch``, or ``cifar-100-python`` with
     ``train``/``test``). Batches are pickles; they are read with an unpickler that can only build
@@ -324,13 +316,7 @@ def read_idx(path: PathLike, max_bytes: int = 1 << 32) -> np.ndarray:
         opener = gzip.open if gz else open
         with opener(p, "rb") as f:
             head = f.read(4)
-            if (
-                len(head) < 4
-                or head[0] != 0
-                or head[1] != 0
-                or head[2] not in _IDX_DTYPES
-                or not 1 <= head[3] <= 4
-            ):
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or not 1 <= head[3] <= 4:
                 raise LoadError(f"{p}: not an idx file (bad magic number {head.hex() or 'empty'})")
             dtype = np.dtype(_IDX_DTYPES[head[2]])
             dims_raw = f.read(4 * head[3])
@@ -339,9 +325,7 @@ def read_idx(path: PathLike, max_bytes: int = 1 << 32) -> np.ndarray:
             dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
             nbytes = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
             if nbytes > max_bytes:
-                raise LoadError(
-                    f"{p}: idx header declares {nbytes} bytes, over the {max_bytes}-byte limit (corrupt?)"
-                )
+                raise LoadError(f"{p}: idx header declares {nbytes} bytes, over the {max_bytes}-byte limit (corrupt?)")
             # Read in chunks: a corrupt header must not make us allocate its declared size up front.
             chunks, got = [], 0
             while got < nbytes:
@@ -358,7 +342,7 @@ def read_idx(path: PathLike, max_bytes: int = 1 << 32) -> np.ndarray:
         raise
     except OSError as exc:  # gzip.BadGzipFile is an OSError
         raise LoadError(f"{p}: cannot read ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - zlib.error, EOFError on truncated gzip streams...
+    except Exception as exc:
         raise LoadError(f"{p}: corrupt idx file ({type(exc).__name__}: {exc})") from None
     return np.frombuffer(b"".join(chunks), dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -406,11 +390,7 @@ _COLOUR = re.compile(r"colou?r(\d+)$")
 def _sniff(path: Path) -> str:
     if path.is_dir():
         names = {f.name for f in path.iterdir()}
-        if (
-            any(n.startswith("data_batch_") for n in names)
-            or "test_batch" in names
-            or {"train", "meta"} <= names
-        ):
+        if any(n.startswith("data_batch_") for n in names) or "test_batch" in names or {"train", "meta"} <= names:
             return "cifar"
         if any("images-idx3-ubyte" in n for n in names):
             return "idx"
@@ -425,9 +405,7 @@ def _sniff(path: Path) -> str:
         return "cifar"
     if head.startswith(b"\x1f\x8b") or (len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES):
         return "idx"
-    raise LoadError(
-        f"{path}: unknown data format (expected .npz, a CIFAR batch, an idx file or an image folder)"
-    )
+    raise LoadError(f"{path}: unknown data format (expected .npz, a CIFAR batch, an idx file or an image folder)")
 
 
 def load_dataset(spec: PathLike, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,9 +434,7 @@ def load_dataset(spec: PathLike, **options: Any) -> tuple[torch.Tensor, torch.Te
             options.setdefault("per_class", 300 if k <= 100 else max(30, 30_000 // k))
             return make_colour(num_classes=k, **options)
     if not p.exists():
-        raise LoadError(
-            f"{spec}: no such file or directory, and not a built-in data set ('mnist', 'colour<K>')"
-        )
+        raise LoadError(f"{spec}: no such file or directory, and not a built-in data set ('mnist', 'colour<K>')")
     try:
         kind = _sniff(p)
     except LoadError:

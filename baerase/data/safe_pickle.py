@@ -52,9 +52,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
-                f"refused to load global {module}.{name} (not needed by array data)"
-            ) from None
+            raise pickle.UnpicklingError(f"refused to load global {module}.{name} (not needed by array data)") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not allowed")
@@ -74,6 +72,6 @@ def safe_loads(data: bytes, source: str) -> Any:
         raise LoadError(f"{source}: corrupt pickle (declares more data than fits in memory)") from None
     except RecursionError:
         raise LoadError(f"{source}: corrupt pickle (nested too deeply)") from None
-    except Exception as exc:  # noqa: BLE001 - truncated or scrambled opcode streams raise all kinds of errors
+    except Exception as exc:
         raise LoadError(f"{source}: truncated or corrupt pickle ({type(exc).__name__}: {exc})") from None
     return obj

@@ -68,9 +68,7 @@ def _sniff(path: Path) -> str:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise LoadError(
-                f"{path}: corrupt or truncated zip archive ({e}); re-export the model file"
-            ) from e
+            raise LoadError(f"{path}: corrupt or truncated zip archive ({e}); re-export the model file") from e
         # TorchScript archives carry compiled code and constants beside the pickled data.
         if any(n.split("/", 1)[-1] == "constants.pkl" or "/code/" in n for n in names):
             return "torchscript"
@@ -87,9 +85,7 @@ def _resolve_arch(arch: str | Callable[..., nn.Module], path: Path) -> Callable[
     if callable(arch):
         return arch
     if not isinstance(arch, str) or not arch:
-        raise LoadError(
-            f"{path}: arch must be a registry name, 'module:callable' or a callable, got {arch!r}"
-        )
+        raise LoadError(f"{path}: arch must be a registry name, 'module:callable' or a callable, got {arch!r}")
     if ":" not in arch:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
@@ -252,9 +248,7 @@ def _load_safetensors(p: Path, arch, arch_kwargs: dict) -> nn.Module:
         try:
             arch_kwargs = {**json.loads(metadata.get("baerase.arch_kwargs", "{}")), **arch_kwargs}
         except json.JSONDecodeError as e:
-            raise LoadError(
-                f"{p}: unreadable baerase.arch_kwargs metadata ({e}); pass arch= and its arguments"
-            ) from e
+            raise LoadError(f"{p}: unreadable baerase.arch_kwargs metadata ({e}); pass arch= and its arguments") from e
     model = _build(arch, p, arch_kwargs)
     _load_into(model, _unwrap_state_dict(sd, p), p, arch)
     return model
@@ -271,15 +265,11 @@ def _load_torch(p: Path, arch, arch_kwargs: dict, trust_pickle: bool) -> nn.Modu
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise LoadError(
-                f"{p}: could not unpickle the model ({e2}); its classes must be importable"
-            ) from e2
+            raise LoadError(f"{p}: could not unpickle the model ({e2}); its classes must be importable") from e2
         if isinstance(obj, nn.Module):
             return obj
     except Exception as e:
-        raise LoadError(
-            f"{p}: corrupt or truncated torch file ({type(e).__name__}: {e}); re-export it"
-        ) from e
+        raise LoadError(f"{p}: corrupt or truncated torch file ({type(e).__name__}: {e}); re-export it") from e
     if isinstance(obj, nn.Module):
         return obj
     if arch is None:
@@ -315,17 +305,13 @@ def save_model(
     if real == source or (
         dest.exists() and source is not None and os.path.exists(source) and os.path.samefile(dest, source)
     ):
-        raise InputError(
-            f"refusing to overwrite {dest}: the model was loaded from it; choose another output path"
-        )
+        raise InputError(f"refusing to overwrite {dest}: the model was loaded from it; choose another output path")
     if dest.is_dir():
         raise InputError(f"{dest} is a directory; pass a file path such as {dest / 'model.safetensors'}")
     metadata = {"format": "pt"}
     if arch is not None:
         if arch not in ARCHITECTURES:
-            raise InputError(
-                f"arch {arch!r} is not a registry name {sorted(ARCHITECTURES)}; it cannot be recorded"
-            )
+            raise InputError(f"arch {arch!r} is not a registry name {sorted(ARCHITECTURES)}; it cannot be recorded")
         metadata["baerase.arch"] = arch
         metadata["baerase.arch_kwargs"] = json.dumps(arch_kwargs or {})
     # clone: safetensors refuses tensors that share storage (tied weights) or are non-contiguous.

@@ -5,6 +5,7 @@ Each ``<op>_ref`` is differentiable by autograd, which makes it the tests' gradi
 ``<op>_backward_ref`` functions are the closed-form gradients the ``baerase::<op>_backward``
 custom ops default to (autograd is off inside a custom op's kernel).
 """
+
 from __future__ import annotations
 
 import torch
@@ -145,8 +146,9 @@ def mine_lower_bound_ref(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> tor
     t_joint, t_marginal: [K, N] statistics-network outputs. Returns [K].
     """
     n = t_marginal.shape[-1]
-    return t_joint.float().mean(-1) - (torch.logsumexp(t_marginal.float(), -1) - torch.log(
-        torch.tensor(float(n), device=t_marginal.device)))
+    return t_joint.float().mean(-1) - (
+        torch.logsumexp(t_marginal.float(), -1) - torch.log(torch.tensor(float(n), device=t_marginal.device))
+    )
 
 
 @torch.no_grad()
@@ -185,9 +187,7 @@ def adam_step_ref(
 
 
 @torch.no_grad()
-def moving_average_ref(
-    ma: torch.Tensor, value: torch.Tensor, rate: float, active: torch.Tensor | None = None
-) -> None:
+def moving_average_ref(ma: torch.Tensor, value: torch.Tensor, rate: float, active: torch.Tensor | None = None) -> None:
     """In place: ``ma = (1 - rate) * ma + rate * value`` for the active classes (leading dim K)."""
     new = (1 - rate) * ma + rate * value
     if active is not None:

@@ -1,7 +1,19 @@
 """Trigger recovery: stacked generators, the MINE entropy estimator and trigger families."""
+
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
 from .recovery import Recovery, attack_success, frozen, recover
 from .screen import Screened, recover_all
 from .triggers import TriggerSet
 
-__all__ = ["Recovery", "StatisticsNetwork", "TriggerGenerator", "TriggerSet", "attack_success", "frozen", "mine_estimate", "recover", "recover_all", "Screened"]
+__all__ = [
+    "Recovery",
+    "Screened",
+    "StatisticsNetwork",
+    "TriggerGenerator",
+    "TriggerSet",
+    "attack_success",
+    "frozen",
+    "mine_estimate",
+    "recover",
+    "recover_all",
+]

@@ -93,7 +93,7 @@ class ChunkStore:
             tensors = load_file(str(path))
             success = tensors.pop("attack_success")
             triggers = TriggerSet.from_state(meta, tensors)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types across versions
+        except Exception as exc:
             # Atomic writes make this unexpected (e.g. a disk fault); recomputing is always safe.
             log.warning("ignoring unreadable checkpoint %s (%s); recomputing that chunk", path, exc)
             return None
@@ -107,6 +107,4 @@ class ChunkStore:
         tensors = {name: t.detach().cpu().contiguous() for name, t in triggers.state_dict().items()}
         tensors["attack_success"] = success.detach().float().cpu().contiguous()
         metadata = {"meta": json.dumps(triggers.meta)}
-        _atomic_write(
-            self._path(triggers.targets.tolist()), lambda tmp: save_file(tensors, tmp, metadata=metadata)
-        )
+        _atomic_write(self._path(triggers.targets.tolist()), lambda tmp: save_file(tensors, tmp, metadata=metadata))

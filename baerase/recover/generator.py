@@ -1,4 +1,5 @@
 """The trigger generator G (one per candidate class, stacked) and the MINE statistics network."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ class TriggerGenerator(nn.Module):
         self.chunks = [chunk, chunk, chunk, latent_dim - 3 * chunk]
         widths = [self.chunks[0], hidden + self.chunks[1], hidden + self.chunks[2], hidden + self.chunks[3]]
         self.linears = nn.ModuleList(
-            StackedLinear(stacks, w, out) for w, out in zip(widths, [hidden, hidden, hidden, out_features])
+            StackedLinear(stacks, w, out) for w, out in zip(widths, [hidden, hidden, hidden, out_features], strict=True)
         )
         self.norms = nn.ModuleList(StackedBatchNorm(stacks, hidden) for _ in range(3))
 
@@ -39,11 +40,13 @@ class StatisticsNetwork(nn.Module):
 
     def __init__(self, stacks: int, latent_dim: int, out_features: int, hidden: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([
-            StackedLinear(stacks, latent_dim + out_features, hidden),
-            StackedLinear(stacks, hidden, hidden),
-            StackedLinear(stacks, hidden, 1),
-        ])
+        self.layers = nn.ModuleList(
+            [
+                StackedLinear(stacks, latent_dim + out_features, hidden),
+                StackedLinear(stacks, hidden, hidden),
+                StackedLinear(stacks, hidden, 1),
+            ]
+        )
 
     def forward(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, g], -1)

@@ -1,4 +1,5 @@
 """Layers stacked over candidate classes: one independent copy per class, run as one bmm."""
+
 from __future__ import annotations
 
 import math

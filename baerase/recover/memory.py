@@ -1,4 +1,5 @@
 """How many candidate classes fit in one batched computation."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def activation_bytes_per_image(model: nn.Module, image: torch.Tensor) -> int:
     return 2 * total[0]  # outputs plus the gradients flowing back through them
 
 
-def plan_chunk_size(model: nn.Module, image: torch.Tensor, batch_size: int, candidates: int,
-                    budget: int | None, trigger_bytes: int = 0) -> int:
+def plan_chunk_size(
+    model: nn.Module, image: torch.Tensor, batch_size: int, candidates: int, budget: int | None, trigger_bytes: int = 0
+) -> int:
     """Largest number of candidates whose [chunk * batch_size] images, and whose own trigger
     networks (``trigger_bytes`` each), fit in ``budget`` bytes."""
     budget = default_budget(image.device) if budget is None else budget

@@ -3,6 +3,7 @@
 All candidates of a chunk share each forward/backward pass of the (frozen) suspect model:
 their triggered images are stacked into one [K * B, C, H, W] batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,23 +39,34 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=False):
             p.requires_grad_(flag)
         model.train(training)
 
 
-def plan_chunks(model: nn.Module, images: torch.Tensor, targets: list[int], config: Config,
-                mean: torch.Tensor | None = None, parts: int = 1) -> list[list[int]]:
+def plan_chunks(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: list[int],
+    config: Config,
+    mean: torch.Tensor | None = None,
+    parts: int = 1,
+) -> list[list[int]]:
     """Split ``targets`` into chunks that fit ``config.recovery.memory_budget`` (or ``config.recovery.chunk_size``),
     at least ``parts`` of them when there are enough targets (one per distributed rank)."""
     r = config.recovery
     per_class = sum(p.numel() for p in _new_triggers(targets[:1], images, config, torch.device("meta")).parameters())
     chunk = r.chunk_size or plan_chunk_size(
-        model, (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))), r.batch_size, len(targets),
-        r.memory_budget, trigger_bytes(per_class))
+        model,
+        (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))),
+        r.batch_size,
+        len(targets),
+        r.memory_budget,
+        trigger_bytes(per_class),
+    )
     if parts > 1 and not config.recovery.chunk_size:
         chunk = min(chunk, -(-len(targets) // parts))
-    return [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
+    return [targets[i : i + chunk] for i in range(0, len(targets), chunk)]
 
 
 def chunk_seed(seed: int, targets: list[int]) -> int:
@@ -135,13 +147,15 @@ def recover(
     steps = config.recovery.steps if steps is None else steps
 
     def run(piece: list[int]) -> tuple:
-        triggers, success, ran = _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offset,
-                                                       steps, on_step, store, enough)
+        triggers, success, ran = _recover_scored_chunk(
+            forward, fit, val, piece, config, mean, std, seed_offset, steps, on_step, store, enough
+        )
         return triggers if keep_triggers else None, success, ran, triggers.norms().detach()
 
     parts = _each_chunk(mine, run)
-    success, ran, norms = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, device=device)
-                           for i in (1, 2, 3))
+    success, ran, norms = (
+        torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, device=device) for i in (1, 2, 3)
+    )
     triggers = TriggerSet.concat([p[0] for p in parts]) if parts and keep_triggers else None
     if sharded:
         if keep_triggers:
@@ -160,7 +174,7 @@ def _each_chunk(chunks: list[list[int]], run: Callable[[list[int]], tuple]) -> l
         except torch.cuda.OutOfMemoryError:
             if len(piece) == 1:
                 raise
-            queue[:0] = [piece[: len(piece) // 2], piece[len(piece) // 2:]]
+            queue[:0] = [piece[: len(piece) // 2], piece[len(piece) // 2 :]]
             torch.cuda.empty_cache()
             log.warning("out of GPU memory: retrying with %d candidate classes per chunk", len(piece) // 2)
     return done
@@ -199,15 +213,18 @@ def _forward_fn(model: nn.Module, config: Config, device: torch.device) -> Calla
     return forward
 
 
-def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step,
-                   enough=None) -> tuple[TriggerSet, torch.Tensor]:
+def _recover_chunk(
+    forward, images, labels, targets, config, mean, std, steps, on_step, enough=None
+) -> tuple[TriggerSet, torch.Tensor]:
     """Train one chunk's stacked generators: (TriggerSet holding, per class, the smallest trigger
     that still flipped ``config.recovery.success_threshold`` of a batch (mask family) or the final one
     (patch family), steps each class ran [k], mean clipped target probability of its batches [k])."""
     device = images.device
     # Re-stacked (building a TriggerSet draws initial weights) so chunk results keep their random stream.
     triggers = TriggerSet.concat([_new_triggers(targets, images, config, device)])
-    groups = [{"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.recovery.lr}]
+    groups = [
+        {"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.recovery.lr}
+    ]
     if config.recovery.family == "mask":
         groups.append({"params": [triggers.mask_logits], "lr": config.recovery.mask_lr})
     # One fused update for all K stacked generators; stopped classes are frozen in it.
@@ -230,7 +247,9 @@ def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, o
         with torch.no_grad():
             budget.record(success, attack, active)
             if config.recovery.family == "mask":
-                _keep_where(best, triggers.state_dict(), tracker.update(success, triggers.norms().detach() / _area(images)))
+                _keep_where(
+                    best, triggers.state_dict(), tracker.update(success, triggers.norms().detach() / _area(images))
+                )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step(active=None if bool(active.all()) else active)
@@ -246,9 +265,16 @@ def _recover_chunk(forward, images, labels, targets, config, mean, std, steps, o
 
 
 def _new_triggers(targets, images, config, device) -> TriggerSet:
-    return TriggerSet(targets, tuple(images.shape[1:]), family=config.recovery.family, patch_size=config.recovery.patch_size,
-                      latent_dim=config.recovery.latent_dim, hidden=config.recovery.hidden, mine_hidden=config.recovery.mine_hidden,
-                      mask_init=config.recovery.mask_init).to(device)
+    return TriggerSet(
+        targets,
+        tuple(images.shape[1:]),
+        family=config.recovery.family,
+        patch_size=config.recovery.patch_size,
+        latent_dim=config.recovery.latent_dim,
+        hidden=config.recovery.hidden,
+        mine_hidden=config.recovery.mine_hidden,
+        mask_init=config.recovery.mask_init,
+    ).to(device)
 
 
 def _area(images: torch.Tensor) -> int:
@@ -295,12 +321,13 @@ def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.T
 class _Budget:
     """Which candidate classes still pass images through the model, step by step.
 
-    Answered (``enough``): a class whose question is answered (a confirmation that found the
-    trigger again) stops. Halving (``config.recovery.halving``): at a third of the steps, a class whose trigger never flipped
-    half the success threshold and whose mask is above the chunk's median stops; detection only
-    flags a working trigger far below the median. Convergence (``config.recovery.converge_window``): a
-    class whose smallest working mask shrank by less than ``config.recovery.converge_tol`` over the last
-    window stops; more steps would only refine a value the verdict does not hinge on.
+    - Answered (``enough``): a class whose question is answered (a confirmation that found the
+      trigger again) stops.
+    - Halving (``config.recovery.halving``): at a third of the steps, a class whose trigger never
+      flipped half the success threshold and whose mask is above the chunk's median stops;
+      detection only flags a working trigger far below the median.
+    - Convergence (``config.recovery.converge_window``): a class whose smallest working mask shrank
+      by less than ``converge_tol`` over the last window stops.
     """
 
     def __init__(self, k: int, steps: int, config: Config, device: torch.device, enough=None, area: int = 1) -> None:
@@ -358,8 +385,11 @@ class _MaskCostTracker:
     def __init__(self, k: int, config: Config, device: torch.device) -> None:
         self.cost = torch.zeros(k, device=device)
         self.initial, self.threshold = config.recovery.mask_cost, config.recovery.success_threshold
-        self.patience, self.factor_up, self.factor_down = (config.recovery.cost_patience, config.recovery.cost_up,
-                                                           config.recovery.cost_down)
+        self.patience, self.factor_up, self.factor_down = (
+            config.recovery.cost_patience,
+            config.recovery.cost_up,
+            config.recovery.cost_down,
+        )
         self.up = torch.zeros(k, device=device)
         self.down = torch.zeros(k, device=device)
         self.found_any = torch.zeros(k, dtype=torch.bool, device=device)
@@ -399,7 +429,7 @@ def attack_success(
     hits = torch.zeros(k, device=images.device)
     counts = torch.zeros(k, device=images.device)
     for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
         if len(y) < 2:  # the generator's batch statistics need two samples
             x, y = images[-2:], labels[-2:]
         _, g = triggers.sample(len(y))

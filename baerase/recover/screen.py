@@ -1,4 +1,5 @@
 """Pre-screening for many classes: a short recovery of every class picks the few worth a full one."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,8 +22,18 @@ class Screened:
     recovered: torch.Tensor | None
 
 
-def recover_all(model: nn.Module, fit, val, targets: list[int], config: Config, mean=None, std=None, *,
-                on_step: Callable[[int], None] | None = None, store_for=None) -> Screened:
+def recover_all(
+    model: nn.Module,
+    fit,
+    val,
+    targets: list[int],
+    config: Config,
+    mean=None,
+    std=None,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    store_for=None,
+) -> Screened:
     """The scan's recovery of ``targets``.
 
     Up to ``prescreen_above`` targets, every class gets the full recovery and all of them form the
@@ -35,12 +46,25 @@ def recover_all(model: nn.Module, fit, val, targets: list[int], config: Config, 
     r = config.recovery
     store_for = store_for or (lambda stage: None)
     if len(targets) <= r.prescreen_above:
-        full = recover(model, fit, val, targets, config, mean, std, on_step=on_step, store=store_for("full"),
-                       sharded=True)
+        full = recover(
+            model, fit, val, targets, config, mean, std, on_step=on_step, store=store_for("full"), sharded=True
+        )
         return Screened(full, None, None)
     quick = config.replace(batch_size=r.prescreen_batch)
-    screening = recover(model, fit, None, targets, quick, mean, std, steps=r.prescreen_steps, on_step=on_step,
-                        store=store_for("screen"), sharded=True, keep_triggers=False)
+    screening = recover(
+        model,
+        fit,
+        None,
+        targets,
+        quick,
+        mean,
+        std,
+        steps=r.prescreen_steps,
+        on_step=on_step,
+        store=store_for("screen"),
+        sharded=True,
+        keep_triggers=False,
+    )
     keep, sample = pick(screening, config)
     focus = sorted(keep + sample)
     full = recover(model, fit, val, focus, config, mean, std, on_step=on_step, store=store_for("focus"), sharded=True)
@@ -57,7 +81,7 @@ def pick(screening: Recovery, config: Config) -> tuple[list[int], list[int]]:
     r = config.recovery
     order = torch.argsort(-screening.success, stable=True).tolist()
     keep = [screening.targets[i] for i in order[: r.prescreen_keep]]
-    rest = [screening.targets[i] for i in order[r.prescreen_keep:]]
+    rest = [screening.targets[i] for i in order[r.prescreen_keep :]]
     generator = torch.Generator().manual_seed(config.run.seed)
     chosen = torch.randperm(len(rest), generator=generator)[: r.reference_sample].tolist()
     return keep, sorted(rest[i] for i in chosen)

@@ -1,4 +1,5 @@
 """Recovered trigger distributions for a set of candidate target classes."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,14 @@ class TriggerSet(nn.Module):
     ) -> None:
         super().__init__()
         channels, height, width = image_shape
-        self.meta = {"image_shape": list(image_shape), "family": family, "patch_size": patch_size,
-                     "latent_dim": latent_dim, "hidden": hidden, "mine_hidden": mine_hidden}
+        self.meta = {
+            "image_shape": list(image_shape),
+            "family": family,
+            "patch_size": patch_size,
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "mine_hidden": mine_hidden,
+        }
         k = len(targets)
         out = channels * height * width if family == "mask" else channels * patch_size * patch_size
         self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
@@ -61,8 +68,16 @@ class TriggerSet(nn.Module):
             g = (g + noise_std * torch.randn_like(g)).clamp(0, 1)
         return z, g
 
-    def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None,
-              shift: tuple[int, int] | None = None, spread: int = 0, paint: bool = False) -> torch.Tensor:
+    def stamp(
+        self,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        mean=None,
+        std=None,
+        shift: tuple[int, int] | None = None,
+        spread: int = 0,
+        paint: bool = False,
+    ) -> torch.Tensor:
         """Apply each class's triggers g [K, B, D] to x [B, C, H, W] -> normalised [K, B, C, H, W].
 
         ``shift`` (rows, cols) moves a mask-family trigger cyclically and ``spread`` grows its
@@ -120,8 +135,9 @@ class TriggerSet(nn.Module):
         return triggers
 
 
-def _grow(mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int,
-          paint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grow(
+    mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int, paint: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Grow masks [K, 1|C, H, W] by ``spread`` pixels on each side. The new pixels of patterns
     [K, B, C, H, W] take the mask-weighted mean colour of the trigger around them (``paint``) or a
     random black or white (the untrained pattern under an empty mask is a dim grey that covers
@@ -132,8 +148,10 @@ def _grow(mask_logits: torch.Tensor, pattern: torch.Tensor, spread: int,
     weight = mask.unsqueeze(1)
     if paint:
         flat, flat_weight = pattern.flatten(0, 1), weight.expand(-1, pattern.shape[1], -1, -1, -1).flatten(0, 1)
-        near = (F.avg_pool2d(flat_weight * flat, size, 1, spread)
-                / F.avg_pool2d(flat_weight, size, 1, spread).clamp(min=1e-6)).view_as(pattern)
+        near = (
+            F.avg_pool2d(flat_weight * flat, size, 1, spread)
+            / F.avg_pool2d(flat_weight, size, 1, spread).clamp(min=1e-6)
+        ).view_as(pattern)
     else:
         near = torch.rand_like(pattern).round()
     return grown, weight * pattern + (1 - weight) * near

@@ -9,6 +9,7 @@ flagged classes in every batch. The parts: :class:`TriggeredBatches` builds the 
 :class:`UnlearnLoss` returns the terms, :class:`Guard` keeps the best checkpoint within the allowed
 accuracy loss and stops once fresh recovered triggers no longer work, and :func:`unlearn` runs the loop.
 """
+
 # The private helpers stay importable here for the tests that exercise them.
 from .batch import TriggeredBatch, TriggeredBatches
 from .batch import _position_bound as _position_bound
@@ -19,6 +20,13 @@ from .loss import LossTerms, UnlearnLoss
 from .loss import _mixed_copies as _mixed_copies
 
 __all__ = [
-    "Guard", "LossTerms", "TriggeredBatch", "TriggeredBatches", "UnlearnLoss", "UnlearnOutcome",
-    "allowed_drop", "clean_accuracy", "unlearn",
+    "Guard",
+    "LossTerms",
+    "TriggeredBatch",
+    "TriggeredBatches",
+    "UnlearnLoss",
+    "UnlearnOutcome",
+    "allowed_drop",
+    "clean_accuracy",
+    "unlearn",
 ]

@@ -6,6 +6,7 @@ black or white, a position-bound trigger is also grown in place in its own colou
 with ``universal_eps`` > 0 each target also gets a universal perturbation in that L-inf ball, which takes one
 signed-gradient step toward its target per step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -45,8 +46,15 @@ _POSITION_IMAGES = 128
 
 
 @torch.no_grad()
-def _position_bound(triggers: TriggerSet, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    mean, std, moved_share: float = Unlearning.moved_share) -> torch.Tensor:
+def _position_bound(
+    triggers: TriggerSet,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean,
+    std,
+    moved_share: float = Unlearning.moved_share,
+) -> torch.Tensor:
     """Classes [K] whose recovered trigger works only where recovery found it: moved by thirds of
     the image, it flips under ``moved_share`` as many images. Such a trigger is the attacker's
     fixed one or a part of it, so unlearning also grows it in place; a trigger the attacker places
@@ -64,8 +72,16 @@ def _position_bound(triggers: TriggerSet, model: nn.Module, images: torch.Tensor
 class TriggeredBatches:
     """Builds each step's :class:`TriggeredBatch` from the fit split and holds the universal perturbations."""
 
-    def __init__(self, triggers: TriggerSet, model: nn.Module, fit: tuple[torch.Tensor, torch.Tensor],
-                 val: tuple[torch.Tensor, torch.Tensor], config: Config, mean=None, std=None) -> None:
+    def __init__(
+        self,
+        triggers: TriggerSet,
+        model: nn.Module,
+        fit: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        config: Config,
+        mean=None,
+        std=None,
+    ) -> None:
         """model: the copy being repaired, whose recovered triggers are tested for position on ``val``."""
         settings = config.unlearning
         self.triggers, self.mean, self.std = triggers, mean, std
@@ -96,10 +112,15 @@ class TriggeredBatches:
             perturbed = (x.unsqueeze(0) + self.universal.unsqueeze(1)).clamp(0, 1).flatten(0, 1)
             triggered = torch.cat([triggered, normalize_images(perturbed, self.mean, self.std)])
         k = len(self.triggers)
-        return TriggeredBatch(held=held, images=self.x_fit[held], labels=self.y_fit[held], triggered=triggered,
-                              true_labels=y.repeat(k * self.parts),
-                              targets=self.triggers.targets.repeat_interleave(len(y)).repeat(self.parts),
-                              parts=self.parts)
+        return TriggeredBatch(
+            held=held,
+            images=self.x_fit[held],
+            labels=self.y_fit[held],
+            triggered=triggered,
+            true_labels=y.repeat(k * self.parts),
+            targets=self.triggers.targets.repeat_interleave(len(y)).repeat(self.parts),
+            parts=self.parts,
+        )
 
     @torch.no_grad()
     def _stamped(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The guard: scores checkpoints on held-out data and keeps the best one within the allowed accuracy loss."""
+
 from __future__ import annotations
 
 import copy
@@ -24,14 +25,15 @@ def allowed_drop(config: Config, val_size: int) -> float:
 def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 256) -> torch.Tensor:
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         out.append(forward(model, normalize_images(x, mean, std)))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean=None, std=None,
-                   batch_size: int = 256) -> float:
+def clean_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean=None, std=None, batch_size: int = 256
+) -> float:
     """Share of images [N, C, H, W] classified as their label (normalised with mean/std first)."""
     if len(labels) == 0:
         return 0.0
@@ -53,10 +55,20 @@ class Guard:
     from one start connect linearly). Trigger success is judged on the validation images the model
     gets right."""
 
-    def __init__(self, model: nn.Module, triggers: TriggerSet, fit: tuple[torch.Tensor, torch.Tensor],
-                 val: tuple[torch.Tensor, torch.Tensor], config: Config, mean: torch.Tensor | None,
-                 std: torch.Tensor | None, *, reference_logp: torch.Tensor, start: list[torch.Tensor],
-                 accuracy_floor: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        triggers: TriggerSet,
+        fit: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        config: Config,
+        mean: torch.Tensor | None,
+        std: torch.Tensor | None,
+        *,
+        reference_logp: torch.Tensor,
+        start: list[torch.Tensor],
+        accuracy_floor: float | None = None,
+    ) -> None:
         """reference_logp: the original model's log-probabilities on the fit, then the val images;
         start: the round's starting parameters; accuracy_floor: None for the first score's minus the
         allowed drop."""
@@ -78,7 +90,7 @@ class Guard:
     def score(self, step: int) -> dict:
         """The model now: validation accuracy, share of the original's right answers broken, trigger success."""
         wrong_now = _logits(self.model, self.x_all, self.mean, self.std).argmax(1) != self.y_all
-        right_val = ~wrong_now[self.fit_size:]
+        right_val = ~wrong_now[self.fit_size :]
         # A clean image the model already sends to the target proves nothing about the trigger.
         judged = right_val if right_val.sum() >= 2 else torch.ones_like(right_val)
         success = attack_success(self.triggers, self.model, self.x_val[judged], self.y_val[judged], self.mean, self.std)
@@ -91,8 +103,10 @@ class Guard:
 
     def within(self, row: dict, slack: float = 0.0) -> bool:
         """Inside the guard's bounds, widened by ``slack`` further allowed drops."""
-        return (row["clean_accuracy"] >= self.floor - slack * self.allowance - _TOLERANCE
-                and row["broken"] <= (1 + slack) * self.config.unlearning.max_accuracy_drop + _TOLERANCE)
+        return (
+            row["clean_accuracy"] >= self.floor - slack * self.allowance - _TOLERANCE
+            and row["broken"] <= (1 + slack) * self.config.unlearning.max_accuracy_drop + _TOLERANCE
+        )
 
     def share_within(self, step: int) -> tuple[dict, dict] | None:
         """The point nearest the checkpoint, on its segment back to ``start``, that is within the
@@ -122,7 +136,9 @@ class Guard:
         erased = allowed and candidate["trigger_asr"] <= self.config.unlearning.asr_stop
         # Once erased, prefer the later checkpoint: it has unlearned for longer (the margin).
         better = (candidate["trigger_asr"], -candidate["clean_accuracy"]) < (
-            self.best["trigger_asr"], -self.best["clean_accuracy"])
+            self.best["trigger_asr"],
+            -self.best["clean_accuracy"],
+        )
         if erased or (allowed and better):
             self.best = candidate
             self.best_state = copy.deepcopy(self.model.state_dict()) if state is None else state

@@ -1,4 +1,5 @@
 """The unlearning loop: triggered batches, the loss's step, the guard's evaluations."""
+
 from __future__ import annotations
 
 import copy
@@ -127,11 +128,22 @@ def unlearn(
         schedule = _Schedule(repaired, config.unlearning.unlearn_lr, settings)
         reference = model if original is None else original
         reference_logp = _answers(reference, fit, val, mean, std)
-        guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
-                      accuracy_floor=accuracy_floor)
+        guard = Guard(
+            repaired,
+            triggers,
+            fit,
+            val,
+            config,
+            mean,
+            std,
+            reference_logp=reference_logp,
+            start=anchor,
+            accuracy_floor=accuracy_floor,
+        )
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
-        loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
-                              reference if scarce else None, mean, std)
+        loss_of = UnlearnLoss(
+            config, reference_logp[: len(fit[1])], anchor, num_classes, reference if scarce else None, mean, std
+        )
         steps_per_epoch = max(1, math.ceil(len(fit[1]) / config.unlearning.unlearn_batch_size))
         total = max(config.unlearning.unlearn_epochs * steps_per_epoch, settings.min_steps)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
@@ -164,7 +176,13 @@ def _outcome(repaired: nn.Module, guard: Guard, history: list[dict], steps: int,
         p.requires_grad_(False)
     first, best = guard.first, guard.best
     return UnlearnOutcome(
-        model=repaired, history=history, accuracy_before=first["clean_accuracy"],
-        accuracy_after=best["clean_accuracy"], trigger_asr_before=first["trigger_asr"],
-        trigger_asr_after=best["trigger_asr"], steps=steps, rolled_back=rolled_back, kept_step=best["step"],
+        model=repaired,
+        history=history,
+        accuracy_before=first["clean_accuracy"],
+        accuracy_after=best["clean_accuracy"],
+        trigger_asr_before=first["trigger_asr"],
+        trigger_asr_after=best["trigger_asr"],
+        steps=steps,
+        rolled_back=rolled_back,
+        kept_step=best["step"],
     )

@@ -1,4 +1,5 @@
 """The unlearning loss, returned as its named terms (see the package docstring for the formula)."""
+
 from __future__ import annotations
 
 import math
@@ -15,14 +16,17 @@ from ..ops.reference import normalize_images
 from .batch import TriggeredBatch
 
 
-def _mixed_copies(x: torch.Tensor, generator: torch.Generator,
-                  shift_share: float = Unlearning.copy_shift) -> torch.Tensor:
+def _mixed_copies(
+    x: torch.Tensor, generator: torch.Generator, shift_share: float = Unlearning.copy_shift
+) -> torch.Tensor:
     """Each image of x [N, C, H, W] mixed with another at a random share, the batch then moved
     (cyclically) by up to ``shift_share`` of each side: inputs near the clean data, not on it."""
     partner = torch.randperm(len(x), generator=generator).to(x.device)
     share = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device)
-    shift = [int(torch.randint(-int(n * shift_share), int(n * shift_share) + 1, (1,), generator=generator))
-             for n in x.shape[-2:]]
+    shift = [
+        int(torch.randint(-int(n * shift_share), int(n * shift_share) + 1, (1,), generator=generator))
+        for n in x.shape[-2:]
+    ]
     return (share * x + (1 - share) * x[partner]).roll(shift, (-2, -1))
 
 
@@ -30,8 +34,15 @@ def _kl(logp: torch.Tensor, reference_logp: torch.Tensor) -> torch.Tensor:
     return F.kl_div(logp, reference_logp, log_target=True, reduction="batchmean")
 
 
-def _copy_anchor(model: nn.Module, reference: nn.Module, images: torch.Tensor, generator: torch.Generator,
-                 mean, std, shift_share: float = Unlearning.copy_shift) -> torch.Tensor:
+def _copy_anchor(
+    model: nn.Module,
+    reference: nn.Module,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    mean,
+    std,
+    shift_share: float = Unlearning.copy_shift,
+) -> torch.Tensor:
     """KL(reference || model) on mixed copies of the clean ``images``."""
     copies = normalize_images(_mixed_copies(images, generator, shift_share), mean, std)
     with torch.no_grad():
@@ -54,8 +65,14 @@ class LossTerms:
 
     def floats(self) -> dict[str, float | None]:
         """The terms' values for a history row (``loss_<term>``; None for a non-finite value)."""
-        terms = {"clean": self.clean, "copy_anchor": self.copy_anchor, "ascent": self.ascent,
-                 "relabel": self.relabel, "drift": self.drift, "total": self.total}
+        terms = {
+            "clean": self.clean,
+            "copy_anchor": self.copy_anchor,
+            "ascent": self.ascent,
+            "relabel": self.relabel,
+            "drift": self.drift,
+            "total": self.total,
+        }
         values = {name: 0.0 if t is None else float(t.detach()) for name, t in terms.items()}
         return {f"loss_{name}": v if math.isfinite(v) else None for name, v in values.items()}
 
@@ -67,8 +84,16 @@ class UnlearnLoss:
     copies_from: the original model when the clean set is scarce (mixed copies anchored too), else None.
     """
 
-    def __init__(self, config: Config, fit_logp: torch.Tensor, anchor: list[torch.Tensor], num_classes: int | None,
-                 copies_from: nn.Module | None = None, mean=None, std=None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        fit_logp: torch.Tensor,
+        anchor: list[torch.Tensor],
+        num_classes: int | None,
+        copies_from: nn.Module | None = None,
+        mean=None,
+        std=None,
+    ) -> None:
         self.config, self.fit_logp, self.anchor = config, fit_logp, anchor
         self.copies_from, self.mean, self.std = copies_from, mean, std
         self.settings = config.unlearning
@@ -83,18 +108,34 @@ class UnlearnLoss:
         clean = F.nll_loss(clean_logp, batch.labels) + _kl(clean_logp, self.fit_logp[batch.held])
         clean_part, copy_anchor = clean, None
         if self.copies_from is not None:
-            copy_anchor = _copy_anchor(model, self.copies_from, batch.images, generator, self.mean, self.std,
-                                       self.settings.copy_shift)
+            copy_anchor = _copy_anchor(
+                model, self.copies_from, batch.images, generator, self.mean, self.std, self.settings.copy_shift
+            )
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
         _, nll = ops.trigger_loss(triggered_logits, batch.targets, 1.0)
         valid = (batch.true_labels != batch.targets).float()
         # Each part is its own mean: the perturbations add to the triggers' unlearning, not dilute it.
-        ascent = ((nll.clamp(max=self.cap) * valid).view(batch.parts, -1).sum(1)
-                  / valid.view(batch.parts, -1).sum(1).clamp(min=1)).sum()
+        ascent = (
+            (nll.clamp(max=self.cap) * valid).view(batch.parts, -1).sum(1)
+            / valid.view(batch.parts, -1).sum(1).clamp(min=1)
+        ).sum()
         relabel = F.cross_entropy(triggered_logits, batch.true_labels, reduction="none").view(batch.parts, -1)
         relabel = relabel.mean(1).sum()
         drift = sum((p - a).abs().sum() for p, a in zip(model.parameters(), self.anchor, strict=True))
-        total = cfg.unlearning.alpha_u * clean_part - ascent + cfg.unlearning.relabel_weight * relabel + cfg.unlearning.weight_l1 * drift
-        return LossTerms(clean=clean, copy_anchor=copy_anchor, ascent=ascent, relabel=relabel, drift=drift,
-                         total=total, target_nll=nll, valid=valid)
+        total = (
+            cfg.unlearning.alpha_u * clean_part
+            - ascent
+            + cfg.unlearning.relabel_weight * relabel
+            + cfg.unlearning.weight_l1 * drift
+        )
+        return LossTerms(
+            clean=clean,
+            copy_anchor=copy_anchor,
+            ascent=ascent,
+            relabel=relabel,
+            drift=drift,
+            total=total,
+            target_nll=nll,
+            valid=valid,
+        )

@@ -1,4 +1,5 @@
 """Erase: unlearn the flagged classes, verify by re-recovery, and unlearn what is still found."""
+
 from __future__ import annotations
 
 import copy
@@ -33,19 +34,35 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     reference = _clean_reference(report)
     # The verification re-scan spends what the scan needed to find these classes' triggers.
     verify_steps = max((c.steps or cfg.recovery.steps) for c in report.classes if c.flagged)
-    floor = clean_accuracy(model, *inputs.held_out, inputs.mean, inputs.std) - allowed_drop(cfg, len(inputs.held_out[1]))
+    floor = clean_accuracy(model, *inputs.held_out, inputs.mean, inputs.std) - allowed_drop(
+        cfg, len(inputs.held_out[1])
+    )
     spent, current, outcomes, history = cost.Cost(), model, [], []
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
-        with cost.phase(spent, "unlearning"), progress(_most_steps(inputs), f"baerase unlearn (round {round_})",
-                                                       cfg.run.progress) as bar:
-            outcome = unlearn(current, triggers, inputs.fit, inputs.held_out, cfg, inputs.mean, inputs.std,
-                              inputs.num_classes, accuracy_floor=floor, original=model, on_step=bar.update)
+        with (
+            cost.phase(spent, "unlearning"),
+            progress(_most_steps(inputs), f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
+        ):
+            outcome = unlearn(
+                current,
+                triggers,
+                inputs.fit,
+                inputs.held_out,
+                cfg,
+                inputs.mean,
+                inputs.std,
+                inputs.num_classes,
+                accuracy_floor=floor,
+                original=model,
+                on_step=bar.update,
+            )
         outcomes.append(outcome)
         history += [dict(row, round=round_) for row in outcome.history]
         current = outcome.model
         with cost.phase(spent, "verification"), frozen(current):
-            rescan, evidence, still = verify(flagged, reference, rerecover_on(current, f"baerase verify (round {round_})"),
-                                             cfg, steps=verify_steps)
+            rescan, evidence, still = verify(
+                flagged, reference, rerecover_on(current, f"baerase verify (round {round_})"), cfg, steps=verify_steps
+            )
         if not still.any():
             break
         triggers = TriggerSet.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
@@ -56,9 +73,20 @@ def nothing_to_erase(inputs: Inputs) -> EraseResult:
     """The result of erasing a report that flagged nothing: a frozen copy of the model."""
     repaired = frozen_copy(inputs.model)
     acc = clean_accuracy(repaired, *inputs.held_out, inputs.mean, inputs.std)
-    return EraseResult(model=repaired, history=[], erased=[], verified=True, evidence=[], accuracy_before=acc,
-                       accuracy_after=acc, trigger_asr_before=0.0, trigger_asr_after=0.0, rounds=0, seconds=0.0,
-                       num_classes=inputs.num_classes)
+    return EraseResult(
+        model=repaired,
+        history=[],
+        erased=[],
+        verified=True,
+        evidence=[],
+        accuracy_before=acc,
+        accuracy_after=acc,
+        trigger_asr_before=0.0,
+        trigger_asr_after=0.0,
+        rounds=0,
+        seconds=0.0,
+        num_classes=inputs.num_classes,
+    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -69,19 +97,35 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return repaired
 
 
-def _result(inputs: Inputs, flagged: list[int], outcomes: list[UnlearnOutcome], history: list[dict],
-            evidence: list[dict], still: bool, spent: cost.Cost) -> EraseResult:
+def _result(
+    inputs: Inputs,
+    flagged: list[int],
+    outcomes: list[UnlearnOutcome],
+    history: list[dict],
+    evidence: list[dict],
+    still: bool,
+    spent: cost.Cost,
+) -> EraseResult:
     changed = any(o.kept_step > 0 for o in outcomes)
     if not changed:
         warnings.warn(f"erase could not unlearn classes {flagged}. {UNCHANGED}", stacklevel=4)
     repaired = frozen_copy(outcomes[-1].model)
     return EraseResult(
-        model=repaired, history=history, erased=flagged, verified=not still, evidence=evidence,
+        model=repaired,
+        history=history,
+        erased=flagged,
+        verified=not still,
+        evidence=evidence,
         accuracy_before=outcomes[0].accuracy_before,
         accuracy_after=clean_accuracy(repaired, *inputs.held_out, inputs.mean, inputs.std),
-        trigger_asr_before=outcomes[0].trigger_asr_before, trigger_asr_after=outcomes[-1].trigger_asr_after,
-        rounds=len(outcomes), seconds=0.0, num_classes=inputs.num_classes,
-        rolled_back=sum(o.rolled_back for o in outcomes), changed=changed, cost=spent,
+        trigger_asr_before=outcomes[0].trigger_asr_before,
+        trigger_asr_after=outcomes[-1].trigger_asr_after,
+        rounds=len(outcomes),
+        seconds=0.0,
+        num_classes=inputs.num_classes,
+        rolled_back=sum(o.rolled_back for o in outcomes),
+        changed=changed,
+        cost=spent,
     )
 
 
@@ -89,8 +133,11 @@ def _clean_reference(report: ScanReport) -> torch.Tensor:
     """The score values of the classes the scan did not flag (fully recovered ones): the yardstick
     a repaired class's fresh trigger is judged against."""
     clean = [c for c in report.classes if not c.flagged and not c.screened_out]
-    return score_values(torch.tensor([c.trigger_norm for c in clean]), torch.tensor([c.attack_success for c in clean]),
-                        side_of(report.family))
+    return score_values(
+        torch.tensor([c.trigger_norm for c in clean]),
+        torch.tensor([c.attack_success for c in clean]),
+        side_of(report.family),
+    )
 
 
 def _most_steps(inputs: Inputs) -> int:

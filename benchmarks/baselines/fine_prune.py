@@ -24,9 +24,7 @@ class ChannelMask(nn.Module):
 
 
 @torch.no_grad()
-def _mean_activation(
-    model: nn.Module, layer: nn.Module, x: torch.Tensor, normalize: Normalize
-) -> torch.Tensor:
+def _mean_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor, normalize: Normalize) -> torch.Tensor:
     store: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, out: store.append(out.clamp(min=0).mean((0, 2, 3))))
     device = _device(model)

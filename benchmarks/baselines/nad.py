@@ -50,18 +50,14 @@ def nad(
     for key, net in (("s", student), ("t", teacher)):
         for n in names:
             handles.append(
-                getattr(net, n).register_forward_hook(
-                    lambda m, a, out, key=key, n=n: maps[key].__setitem__(n, out)
-                )
+                getattr(net, n).register_forward_hook(lambda m, a, out, key=key, n=n: maps[key].__setitem__(n, out))
             )
 
     def loss_fn(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = net(xb)
         with torch.no_grad():
             teacher(xb)
-        at = sum(
-            (attention_map(maps["s"][n], p) - attention_map(maps["t"][n], p)).pow(2).mean() for n in names
-        )
+        at = sum((attention_map(maps["s"][n], p) - attention_map(maps["t"][n], p)).pow(2).mean() for n in names)
         return F.cross_entropy(logits, yb) + beta * at
 
     teacher.eval()

@@ -136,9 +136,7 @@ def reverse_engineer(
         with torch.no_grad():
             for j, t in enumerate(targets):
                 xs = x[y != t][:512]
-                success.append(
-                    (model(norm(xs + masks[j] * (patterns[j] - xs))).argmax(1) == t).float().mean().item()
-                )
+                success.append((model(norm(xs + masks[j] * (patterns[j] - xs))).argmax(1) == t).float().mean().item())
     finally:
         for p, r in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(r)

@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "grid": args.grid,
         "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "notes": NOTES,
         "seconds": 0.0,
     }

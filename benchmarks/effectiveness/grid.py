@@ -67,9 +67,7 @@ def full_grid(data: str | None = None) -> list[Cell]:
     for ds in datasets:
         for attack in ATTACKS:
             for rate in (0.05, 0.1):
-                cells.append(
-                    Cell(ds, attack=attack, rate=rate, target=1 if rate == 0.05 else 0, defenses=every)
-                )
+                cells.append(Cell(ds, attack=attack, rate=rate, target=1 if rate == 0.05 else 0, defenses=every))
         for budget in (0.01, 0.05):
             cells.append(Cell(ds, attack="badnets3", budget=budget, defenses=ALL_DEFENSES))
         for seed in range(5):

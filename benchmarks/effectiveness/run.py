@@ -72,9 +72,7 @@ def train(cell: Cell, train_xy, k: int):
         half = max(1, cell.epochs // 2)
         A.train_classifier(model, x, y, epochs=half, seed=cell.seed)
         trig = A.optimise_trojan_trigger(model, x[:64], A.TrojanWatermark(5, "corner"), neurons=2, steps=100)
-        return A.train_backdoored(
-            model, x, y, trig, cell.target, cell.rate, cell.epochs - half, cell.seed
-        ), trig
+        return A.train_backdoored(model, x, y, trig, cell.target, cell.rate, cell.epochs - half, cell.seed), trig
     if cell.attack == "imc":
         return A.imc_train(model, x, y, cell.target, rate=cell.rate, **kw)
     trig = make_trigger(cell.attack)
