@@ -168,7 +168,7 @@ def _targets(inputs: Inputs) -> list[int]:
         return list(range(k))
     targets = sorted({int(c) for c in classes})
     if not targets or targets[0] < 0 or targets[-1] >= k:
-        raise InputError(f"config.classes must be class indices in [0, {k}), got {list(classes)}")
+        raise InputError(f"config.recovery.classes must be class indices in [0, {k}), got {list(classes)}")
     return targets
 
 

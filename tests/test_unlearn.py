@@ -235,7 +235,7 @@ def test_unlearn_restores_the_callers_trigger_flags_after_an_exception():
 def test_settings_are_frozen_and_checked():
     settings = Config().unlearning
     assert isinstance(settings, Unlearning)
-    assert settings == Unlearning() and (settings.eval_every, settings.min_steps, settings.bisections) == (20, 200, 3)
+    assert settings == Unlearning()  # the group's own defaults (tuned in baerase/config.py, not pinned here)
     assert CFG.replace(min_steps=40).unlearning.min_steps == 40  # a flat knob reaches its group
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.min_steps = 1

@@ -207,8 +207,8 @@ def _forward_fn(model: nn.Module, config: Config, device: torch.device) -> Calla
             x = x.contiguous(memory_format=torch.channels_last)
         if amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return cost.forward(run, x).float()  # the hinge and softmax stay in fp32
-        return cost.forward(run, x)
+                return run(x).float()  # the hinge and softmax stay in fp32
+        return run(x)
 
     return forward
 
@@ -296,7 +296,7 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     if not bool(active.all()):
         keep = active.repeat_interleave(b)
         stamped, rows = stamped[keep], rows[keep]
-    logits = forward(stamped)
+    logits = cost.forward(forward, stamped)
     hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
     attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
     surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
