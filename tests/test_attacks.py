@@ -221,7 +221,7 @@ def test_train_classifier_seeded_and_eval_mode(data):
 
 
 @pytest.mark.parametrize(
-    "trigger, rate, epochs",
+    ("trigger", "rate", "epochs"),
     [
         (BadNets(position="random"), 0.2, 8),
         (BadNets(position="corner"), 0.1, 4),
@@ -264,7 +264,10 @@ def test_optimise_trojan_trigger_excites_neurons(data):
     assert len(trig.neurons) == 2 and trig.pattern.shape == (1, 5, 5)
     assert trig.pattern.min() >= 0 and trig.pattern.max() <= 1
     with torch.no_grad():
-        act = lambda imgs: clean.features(imgs)[:, trig.neurons].mean().item()
+
+        def act(imgs):
+            return clean.features(imgs)[:, trig.neurons].mean().item()
+
         assert act(trig(x[:64])) > act(start(x[:64])) + 1e-3
     model = train_backdoored(clean, x, y, trig, target=0, rate=0.1, epochs=3, lr=3e-3, batch_size=32)
     assert attack_success_rate(model, xt, yt, trig, 0) >= 0.9
@@ -274,9 +277,7 @@ def test_imc_train_optimises_trigger_and_model(data):
     (x, y), (xt, yt) = data
     torch.manual_seed(0)
     start = BadNets(3, "corner", pattern="random", seed=1)
-    model, trig = imc_train(
-        SmallCNN(1, 4, 16), x, y, 2, trigger=start, rate=0.1, epochs=4, lr=3e-3, batch_size=32
-    )
+    model, trig = imc_train(SmallCNN(1, 4, 16), x, y, 2, trigger=start, rate=0.1, epochs=4, lr=3e-3, batch_size=32)
     assert trig.name == "imc" and not torch.equal(trig.pattern, start.pattern[:1])
     assert clean_accuracy(model, xt, yt) >= 0.95
     assert attack_success_rate(model, xt, yt, trig, 2) >= 0.9

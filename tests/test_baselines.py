@@ -69,9 +69,7 @@ def test_reverse_engineer_flags_the_planted_class_and_unlearning_keeps_labels():
     torch.manual_seed(0)
     model = _Planted().eval()
     with torch.no_grad():
-        x = (model.protos[torch.arange(120) % 6][:, :, None, None] + 0.05 * torch.randn(120, 3, 8, 8)).clamp(
-            0, 1
-        )
+        x = (model.protos[torch.arange(120) % 6][:, :, None, None] + 0.05 * torch.randn(120, 3, 8, 8)).clamp(0, 1)
     y = model(x).argmax(1)
     report = B.reverse_engineer(model, x, y, steps=100, seed=0)
     assert report.norms.argmin().item() == 2

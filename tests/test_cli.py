@@ -24,9 +24,7 @@ ARCH = "helpers:TinyNet"  # a user's own ``module:callable`` architecture
 @pytest.fixture(autouse=True)
 def tiny_presets(monkeypatch):
     # The CLI has no flags for the network sizes; shrink the preset so a run costs well under a second.
-    tiny = functools.partial(
-        Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1
-    )
+    tiny = functools.partial(Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1)
     monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny})
 
 
@@ -226,7 +224,7 @@ def test_model_file_without_read_permission(files, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags, words",
+    ("flags", "words"),
     [
         (["--normalize", "x"], "--normalize wants MEAN:STD"),
         (["--normalize", "0.5,0.5,0.5:0.2,0.2,0.2"], "normalize needs 1 means"),
@@ -249,7 +247,7 @@ def test_bad_arguments_exit_2_with_one_line(files, capsys, flags, words):
 
 
 @pytest.mark.parametrize(
-    "case, words",
+    ("case", "words"),
     [
         ("nan", "NaN"),
         ("1000", "expected 0-1"),

@@ -1,4 +1,5 @@
 """A scan's step compiles as one graph: every baerase op has a fake kernel torch.compile traces through."""
+
 from __future__ import annotations
 
 import pytest

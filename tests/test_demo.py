@@ -28,8 +28,9 @@ def test_demo_passes_its_options_to_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(baerase.demo, "run_demo", fake_run_demo)
     out = tmp_path / "demo"
-    status = main(["demo", "--quiet", "--attack", "trojan", "--target", "2", "--steps", "7", "--seed", "4",
-                   "--out", str(out)])
+    status = main(
+        ["demo", "--quiet", "--attack", "trojan", "--target", "2", "--steps", "7", "--seed", "4", "--out", str(out)]
+    )
     assert status == 1
     assert (seen["attack"], seen["target"], seen["out"], seen["overwrite"]) == ("trojan", 2, str(out), False)
     config = seen["config"]

@@ -22,9 +22,7 @@ def test_grids_cover_the_issue():
 
 def test_one_cell_and_report(tmp_path):
     torch.set_num_threads(1)
-    cell = Cell(
-        "mnist", attack="badnets3_fixed", epochs=1, defenses=("fine_tune", "neural_cleanse", "art_nc")
-    )
+    cell = Cell("mnist", attack="badnets3_fixed", epochs=1, defenses=("fine_tune", "neural_cleanse", "art_nc"))
     row = run_cell(cell, log=lambda s: None, only={"fine_tune", "art_nc"})
     assert row["defense_images"] == 350 and row["asr_before"] > 0.9 and not row["weak_attack"]
     res = row["defenses"]["fine_tune"]
@@ -43,12 +41,21 @@ def test_one_cell_and_report(tmp_path):
 def test_report_counts_the_backdoored_models_baerase_passes():
     def row(attack, bar, weak=False):
         res = {"ca_after": 1.0, "asr_after": 0.0, "seconds": 1.0, "bar": bar}
-        return {"cell": "c", "attack": attack, "weak_attack": weak, "ca_before": 1.0, "asr_before": 0.9,
-                "defenses": {"baerase": res, "fine_tune": dict(res, bar=False)}}
+        return {
+            "cell": "c",
+            "attack": attack,
+            "weak_attack": weak,
+            "ca_before": 1.0,
+            "asr_before": 0.9,
+            "defenses": {"baerase": res, "fine_tune": dict(res, bar=False)},
+        }
 
     rows = [row("badnets3", True), row("badnets3", False, weak=True), row("imc", False), row(None, True)]
     text = markdown(rows, {"grid": "test", "threads": 1, "machine": "cpu", "seconds": 1.0})
-    assert "baerase meets the bar on 1 of 3 backdoored models; weak attacks (ASR before < 50%) among its misses: 1." in text
+    assert (
+        "baerase meets the bar on 1 of 3 backdoored models; weak attacks (ASR before < 50%) among its misses: 1."
+        in text
+    )
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 The default run audits the session's small colour model (``backdoored`` in conftest.py) once; the
 MNIST audits of a backdoored and a clean model are ``slow`` (run them with ``-m slow``).
 """
+
 import json
 
 import pytest

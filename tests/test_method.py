@@ -1,4 +1,5 @@
 """The method's building blocks against hand-computed values and known distributions."""
+
 import math
 
 import pytest
@@ -191,7 +192,7 @@ def test_mixed_copies_blend_pairs_of_images_and_move_them_a_little():
     x = torch.stack([torch.zeros(1, 16, 16), torch.ones(1, 16, 16)])
     x[0, 0, 8, 8] = 1.0  # one lit pixel in the dark image shows the move
     copies = _mixed_copies(x, torch.Generator().manual_seed(0))
-    assert copies.shape == x.shape and 0 <= copies.min() and copies.max() <= 1
+    assert copies.shape == x.shape and copies.min() >= 0 and copies.max() <= 1
     # Each copy is the image it came from, moved, blended with the other at one share.
     background = copies[0].min()
     lit = torch.nonzero(copies[0, 0] == copies[0].max())

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 # torch.jit is deprecated upstream, but TorchScript archives are still a format users hand in
+from baerase.errors import InputError, LoadError
+from baerase.models import ARCHITECTURES, ResNet18, SmallCNN, build, load_model, save_model, sha256_file
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),  # tiny convolutions stall on thread hand-offs when the cores are busy
 ]
-
-from baerase.errors import InputError, LoadError
-from baerase.models import ARCHITECTURES, ResNet18, SmallCNN, build, load_model, save_model, sha256_file
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 1, 28, 28)) -> bool:
@@ -153,7 +153,7 @@ def test_state_dict_mismatch_names_keys(tmp_path, cnn):
     with pytest.raises(LoadError, match=r"shape mismatches: out\.weight") as info:
         load_model(path, "small_cnn", num_classes=4)
     assert str(path) in str(info.value) and "num_classes" in str(info.value)
-    with pytest.raises(LoadError, match="missing keys: .*unexpected keys: c1.bias"):
+    with pytest.raises(LoadError, match=r"missing keys: .*unexpected keys: c1\.bias"):
         load_model(path, "resnet18", width=0.125)
     with pytest.raises(LoadError, match="building arch"):
         load_model(path, "small_cnn", bogus=1)
@@ -253,7 +253,7 @@ def test_corrupted_files_raise_load_error(tmp_path, cnn, kind):
 def test_random_and_missing_files(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))
-    with pytest.raises(LoadError, match="junk.pt"):
+    with pytest.raises(LoadError, match=r"junk\.pt"):
         load_model(junk, "small_cnn")
     with pytest.raises(LoadError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors", "small_cnn")

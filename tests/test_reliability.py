@@ -18,9 +18,7 @@ from baerase.report import write_outputs
 
 torch.set_num_threads(1)
 
-CFG = Config(
-    steps=5, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1, progress=False, seed=3
-)
+CFG = Config(steps=5, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1, progress=False, seed=3)
 K = 4
 
 
@@ -154,7 +152,7 @@ def test_erase_that_no_step_fits_the_guard_says_so_and_returns_the_model_unchang
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU build of torch: no second device")
 def test_config_device_other_than_the_models_is_refused():
-    with pytest.raises(InputError, match="the model is on cpu but config.run.device is cuda"):
+    with pytest.raises(InputError, match=r"the model is on cpu but config\.run\.device is cuda"):
         _scan(config=CFG.replace(device="cuda"))
 
 

@@ -39,9 +39,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(script: Path, ckpt: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(script), str(ckpt)], stdout=subprocess.PIPE, text=True, **kwargs
-    )
+    return subprocess.Popen([sys.executable, str(script), str(ckpt)], stdout=subprocess.PIPE, text=True, **kwargs)
 
 
 def test_sigkill_then_resume(tmp_path):

@@ -1,4 +1,5 @@
 """Scale options of a scan: successive halving, chunk planning, channels-last input."""
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ def test_halving_stops_hopeless_classes_and_keeps_their_evidence(caplog):
     assert halved.flagged == full.flagged
     # Only unreachable classes stop (the model runs on fewer rows, so the others match up to rounding,
     # which the discrete mask-cost schedule amplifies: compare verdicts, not digits).
-    for a, b in zip(full.classes, halved.classes):
+    for a, b in zip(full.classes, halved.classes, strict=False):
         assert b.trigger_norm > 0
         if a.target in UNREACHABLE:
             assert a.attack_success == b.attack_success == 0.0

@@ -1,4 +1,5 @@
 """Pre-screening many classes: a short recovery of every class, the full one for a few, a sampled reference."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def _data(n: int = 96):
 
 def test_many_classes_get_a_short_recovery_and_only_the_chosen_a_full_one():
     images, labels = _data()
-    config = baerase.Config(prescreen_above=4, prescreen_steps=3, prescreen_batch=2, prescreen_keep=2,
-                            reference_sample=3, **FAST)
+    config = baerase.Config(
+        prescreen_above=4, prescreen_steps=3, prescreen_batch=2, prescreen_keep=2, reference_sample=3, **FAST
+    )
     report = baerase.scan(tiny_model(num_classes=K), images, labels, config=config)
     full = [c for c in report.classes if not c.screened_out]
     assert len(report.classes) == K and len(full) == 2 + 3
@@ -29,7 +31,6 @@ def test_many_classes_get_a_short_recovery_and_only_the_chosen_a_full_one():
     assert sorted(report.triggers.targets.tolist()) == sorted(c.target for c in full)  # none kept for the rest
     # Every class pays the short recovery; five of twelve pay the full one (plus scoring).
     assert report.cost.phases["recovery"].forward == K * 3 * 2 + 5 * (12 * 4 + 16)
-
 
 
 def test_pick_ranks_by_how_easily_a_class_is_reached_and_samples_the_rest():

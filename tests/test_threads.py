@@ -125,8 +125,10 @@ def test_using_threads_none_leaves_count(thread_count):
     assert torch.get_num_threads() == thread_count
 
 
-@pytest.mark.parametrize(("bad", "message"), [(0, "at least 1"), (-3, "at least 1"), (1.5, "positive int"),
-                                              ("2", "positive int"), (True, "positive int")])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(0, "at least 1"), (-3, "at least 1"), (1.5, "positive int"), ("2", "positive int"), (True, "positive int")],
+)
 def test_using_threads_rejects_bad_counts(thread_count, bad, message):
     with pytest.raises(ValueError, match=message), threads.using_threads(bad):
         pass

@@ -179,8 +179,12 @@ def test_loss_terms_add_up_to_the_total(scarce):
     loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None)
     terms = loss(net, inputs, generator)
     held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if scarce else terms.clean
-    expected = (config.unlearning.alpha_u * held - terms.ascent + config.unlearning.relabel_weight * terms.relabel
-                + config.unlearning.weight_l1 * terms.drift)
+    expected = (
+        config.unlearning.alpha_u * held
+        - terms.ascent
+        + config.unlearning.relabel_weight * terms.relabel
+        + config.unlearning.weight_l1 * terms.drift
+    )
     assert torch.allclose(terms.total, expected)
     assert (terms.copy_anchor is not None) == scarce
     assert 0 <= terms.ascent <= inputs.parts * math.log(2 * K)  # each part's mean, clipped at the cap
