@@ -87,19 +87,23 @@ class Guard:
         self.erased_evals = 0
 
     @torch.no_grad()
-    def score(self, step: int) -> dict:
-        """The model now: validation accuracy, share of the original's right answers broken, trigger success."""
+    def score(self, step: int, triggers: bool = True) -> dict:
+        """The model now: validation accuracy, share of the original's right answers broken and
+        (``triggers``) the recovered triggers' success."""
         wrong_now = _logits(self.model, self.x_all, self.mean, self.std).argmax(1) != self.y_all
         right_val = ~wrong_now[self.fit_size :]
-        # A clean image the model already sends to the target proves nothing about the trigger.
-        judged = right_val if right_val.sum() >= 2 else torch.ones_like(right_val)
-        success = attack_success(self.triggers, self.model, self.x_val[judged], self.y_val[judged], self.mean, self.std)
-        return {
+        row = {
             "step": step,
             "clean_accuracy": right_val.float().mean().item(),
             "broken": (self.right_before & wrong_now).float().mean().item(),
-            "trigger_asr": success.max().item(),
         }
+        return dict(row, trigger_asr=self._trigger_success(right_val)) if triggers else row
+
+    def _trigger_success(self, right_val: torch.Tensor) -> float:
+        # A clean image the model already sends to the target proves nothing about the trigger.
+        judged = right_val if right_val.sum() >= 2 else torch.ones_like(right_val)
+        success = attack_success(self.triggers, self.model, self.x_val[judged], self.y_val[judged], self.mean, self.std)
+        return success.max().item()
 
     def within(self, row: dict, slack: float = 0.0) -> bool:
         """Inside the guard's bounds, widened by ``slack`` further allowed drops."""
@@ -117,11 +121,15 @@ class Guard:
         for _ in range(self.settings.bisections):
             share = (low + high) / 2
             _set_between(self.model, self.start, end, share)
-            row = dict(self.score(step), share=share)
+            row = dict(self.score(step, triggers=False), share=share)  # the triggers only matter at the point kept
             if self.within(row):
-                low, found = share, (row, copy.deepcopy(self.model.state_dict()))
+                low, found = share, row
             else:
                 high = share
+        if found is not None:
+            _set_between(self.model, self.start, end, low)
+            right_val = _logits(self.model, self.x_val, self.mean, self.std).argmax(1) == self.y_val
+            found = (dict(found, trigger_asr=self._trigger_success(right_val)), copy.deepcopy(self.model.state_dict()))
         _set_between(self.model, self.start, end, 1.0)
         return found
 
