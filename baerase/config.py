@@ -69,12 +69,15 @@ class Recovery:
     converge_window: int = 0  # steps over which a working mask must shrink to keep its class running (0: off)
     converge_tol: float = 0.05  # the share it must shrink by
     # Above this many candidates, a short recovery of every class (prescreen_steps x prescreen_batch)
-    # ranks them; the prescreen_keep most easily reached get the full recovery, judged against a random
-    # sample of reference_sample others (K-Arm's pre-screening, with a sampled anomaly reference).
+    # ranks them; the most easily reached (prescreen_share of them, at least prescreen_keep) get the full
+    # recovery, judged against a random sample of reference_sample others (K-Arm's pre-screening with a
+    # sampled anomaly reference). More steps on fewer images rank better at the same cost: on a 1,000-class
+    # model the planted target ranked 18th after 24 x 2, 46th after 6 x 8 and 82nd after 12 x 4.
     prescreen_above: int = 32
-    prescreen_steps: int = 6
-    prescreen_batch: int = 8
+    prescreen_steps: int = 24
+    prescreen_batch: int = 2
     prescreen_keep: int = 10
+    prescreen_share: float = 0.025
     reference_sample: int = 16
 
     def __post_init__(self) -> None:
@@ -105,7 +108,7 @@ class Recovery:
         _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
-        _in_range(self, ("converge_tol",), 0, 1)
+        _in_range(self, ("converge_tol", "prescreen_share"), 0, 1)
         if not isinstance(self.converge_window, int) or self.converge_window < 0:
             raise ConfigError(f"converge_window must be an integer >= 0, got {self.converge_window!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def recover_all(
 
     Up to ``prescreen_above`` targets, every class gets the full recovery and all of them form the
     anomaly reference (None). Above it, every class first runs ``prescreen_steps`` steps on
-    ``prescreen_batch`` images; the ``prescreen_keep`` most easily reached and a seeded random sample
+    ``prescreen_batch`` images; the most easily reached (see ``kept``) and a seeded random sample
     of ``reference_sample`` others then get the full recovery, and that sample alone is the
     reference: its classes were chosen blind, so their median and spread are those of a typical
     class. ``store_for(stage)`` gives the checkpoint store of each stage (or None).
@@ -80,8 +81,8 @@ def pick(screening: Recovery, config: Config) -> tuple[list[int], list[int]]:
     the model is most easily pushed to ranks first)."""
     r = config.recovery
     order = torch.argsort(-screening.success, stable=True).tolist()
-    keep = [screening.targets[i] for i in order[: r.prescreen_keep]]
-    rest = [screening.targets[i] for i in order[r.prescreen_keep :]]
+    count = kept(config, len(order))
+    keep, rest = [screening.targets[i] for i in order[:count]], [screening.targets[i] for i in order[count:]]
     generator = torch.Generator().manual_seed(config.run.seed)
     chosen = torch.randperm(len(rest), generator=generator)[: r.reference_sample].tolist()
     return keep, sorted(rest[i] for i in chosen)
@@ -92,4 +93,10 @@ def planned_steps(config: Config, k: int) -> int:
     r = config.recovery
     if k <= r.prescreen_above:
         return k * r.steps
-    return k * r.prescreen_steps + min(k, r.prescreen_keep + r.reference_sample) * r.steps
+    return k * r.prescreen_steps + min(k, kept(config, k) + r.reference_sample) * r.steps
+
+
+def kept(config: Config, k: int) -> int:
+    """How many of ``k`` pre-screened classes get the full recovery."""
+    r = config.recovery
+    return min(k, max(r.prescreen_keep, math.ceil(r.prescreen_share * k)))
