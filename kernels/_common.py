@@ -7,6 +7,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from baerase.errors import InputError
 
@@ -51,6 +52,12 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def row_blocks(rows: int, n: int) -> tuple[int, tuple[int]]:
+    """Block size and 1-D grid for one program per (row, block of ``n`` elements) over ``rows`` rows."""
+    block = block_for(n)
+    return block, (rows * triton.cdiv(n, block),)
+
+
 def block_for(n: int, cap: int = 1024, floor: int = 16) -> int:
     return max(floor, min(cap, triton.next_power_of_2(max(n, 1))))
 
@@ -64,3 +71,25 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+@triton.jit
+def candidate_sample_block(K, B, HW, BLOCK: tl.constexpr):
+    """This program's (candidate k, sample b, channel c, pixel offsets, in-range mask) in a launch of one
+    program per (candidate, sample, channel, pixel block), as ``row_blocks(K * B * C, HW)`` sizes it.
+
+    int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest,
+    then sample: programs resident together share one (channel, pixel block), so x[:, c, blk] and the
+    K candidates' data for that block are read from DRAM once and then hit L2, instead of x being
+    re-read once per candidate (K times the image at 224x224).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid % K
+    rest = pid // K
+    b = rest % B
+    rest = rest // B
+    n_hw = tl.cdiv(HW, BLOCK)
+    hw_blk = rest % n_hw
+    c = rest // n_hw
+    offs = hw_blk * BLOCK + tl.arange(0, BLOCK)
+    return k, b, c, offs, offs < HW

@@ -14,7 +14,15 @@ import triton.language as tl
 
 from baerase.errors import InputError
 
-from ._common import block_for, check_float, check_stats, check_tensors, device_guard, warps_for
+from ._common import (
+    candidate_sample_block,
+    check_float,
+    check_stats,
+    check_tensors,
+    device_guard,
+    row_blocks,
+    warps_for,
+)
 
 
 @triton.jit
@@ -36,20 +44,11 @@ def _patch_apply_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     # Candidate fastest so the K programs stamping one image block share x in L2.
-    pid = tl.program_id(0).to(tl.int64)
-    k = pid % K
-    rest = pid // K
-    b = rest % B
-    rest = rest // B
-    n_hw = tl.cdiv(HW, BLOCK)
-    hw_blk = rest % n_hw
-    c = rest // n_hw
+    k, b, c, offs, valid = candidate_sample_block(K, B, HW, BLOCK)
     kb = k * B + b
     row = kb * C + c  # (candidate, sample, channel)
     r0 = tl.load(rows_ptr + kb)
     c0 = tl.load(cols_ptr + kb)
-    offs = hw_blk * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < HW
     i = offs // W - r0
     j = offs % W - c0
     inside = valid & (i >= 0) & (i < PH) & (j >= 0) & (j < PW)
@@ -120,8 +119,7 @@ def patch_apply_fwd(
     out = torch.empty((k, b, c, h, w), dtype=x.dtype, device=device)
     if out.numel() == 0:
         return out
-    block = block_for(h * w)
-    grid = (k * b * c * triton.cdiv(h * w, block),)
+    block, grid = row_blocks(k * b * c, h * w)
     with device_guard(device):
         _patch_apply_fwd_kernel[grid](
             x,
@@ -160,8 +158,7 @@ def patch_apply_bwd(
     grad_patch = torch.empty((k, b, c, h, w), dtype=grad_out.dtype, device=device)
     if grad_patch.numel() == 0:
         return grad_patch
-    block = block_for(h * w)
-    grid = (k * b * c * triton.cdiv(h * w, block),)
+    block, grid = row_blocks(k * b * c, h * w)
     with device_guard(device):
         _patch_apply_bwd_kernel[grid](
             grad_out, rows, cols, std, grad_patch, c, height, width, h, w, BLOCK=block, num_warps=warps_for(block)

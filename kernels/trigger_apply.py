@@ -36,21 +36,9 @@ def _trigger_apply_fwd_kernel(
     p_stride_b,
     BLOCK: tl.constexpr,
 ):
-    # int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest,
-    # then sample: programs resident together share one (channel, pixel block),
-    # so x[:, c, blk] and the K masks/patterns of that block are read from DRAM once and then hit L2,
-    # instead of x being re-read once per candidate (K times the image at 224x224).
-    pid = tl.program_id(0).to(tl.int64)
-    k = pid % K
-    rest = pid // K
-    b = rest % B
-    rest = rest // B
-    n_hw = tl.cdiv(HW, BLOCK)
-    hw_blk = rest % n_hw
-    c = rest // n_hw
+    # Candidate fastest, then sample: x[:, c, blk] and the K masks/patterns of a block come from DRAM once.
+    k, b, c, offs, valid = candidate_sample_block(K, B, HW, BLOCK)
     row = (k * B + b) * C + c  # row of out viewed as [K*B*C, H*W]
-    offs = hw_blk * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < HW
     x = tl.load(x_ptr + (b * C + c) * HW + offs, mask=valid, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + k * m_stride_k + c * m_stride_c + offs, mask=valid, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + k * p_stride_k + b * p_stride_b + c * HW + offs, mask=valid, other=0.0).to(tl.float32)
@@ -142,6 +130,12 @@ def _check(op, x, mask_logits, pattern, mean, std) -> tuple[int, int, int, int, 
     return k, b, c, h * w, cm, pattern.dim() == 5
 
 
+def _strides(pattern: torch.Tensor, c: int, hw: int, cm: int, per_sample: bool) -> tuple[int, int, int, int]:
+    """The kernels' (m_stride_k, m_stride_c, p_stride_k, p_stride_b): a 1-channel mask is read at its
+    channel 0 for every image channel, a shared pattern at the same place for every sample."""
+    return cm * hw, hw if cm > 1 else 0, pattern[0].numel(), c * hw if per_sample else 0
+
+
 def trigger_apply_fwd(
     x: torch.Tensor, mask_logits: torch.Tensor, pattern: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
@@ -153,8 +147,7 @@ def trigger_apply_fwd(
     out = torch.empty((k, *x.shape), dtype=x.dtype, device=device)
     if out.numel() == 0:
         return out
-    block = block_for(hw)
-    grid = (k * b * c * triton.cdiv(hw, block),)
+    block, grid = row_blocks(k * b * c, hw)
     with device_guard(device):
         _trigger_apply_fwd_kernel[grid](
             x,
@@ -167,10 +160,7 @@ def trigger_apply_fwd(
             b,
             c,
             hw,
-            cm * hw,
-            hw if cm > 1 else 0,
-            pattern[0].numel(),
-            c * hw if per_sample else 0,
+            *_strides(pattern, c, hw, cm, per_sample),
             BLOCK=block,
             num_warps=warps_for(block),
         )
@@ -217,10 +207,7 @@ def trigger_apply_bwd(
             k,
             c,
             hw,
-            cm * hw,
-            hw if cm > 1 else 0,
-            pattern[0].numel(),
-            c * hw if per_sample else 0,
+            *_strides(pattern, c, hw, cm, per_sample),
             B=b,
             CPM=c // cm,
             PER_SAMPLE=per_sample,
