@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import baerase
 from baerase.data import make_colour
 from baerase.models.nets import SmallCNN
+from baerase.threads import using_threads
 
 SIDE, PER_CLASS = 8, 6
 CONFIG = {
@@ -88,10 +89,8 @@ def _peak_rss_rise(fn):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with using_threads(1):
+        yield
 
 
 @pytest.mark.parametrize(

@@ -52,10 +52,15 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def row_blocks(rows: int, n: int) -> tuple[int, tuple[int]]:
-    """Block size and 1-D grid for one program per (row, block of ``n`` elements) over ``rows`` rows."""
+def launch_rows(kernel, out: torch.Tensor, rows: int, n: int, *args) -> torch.Tensor:
+    """Launch ``kernel[grid](*args, BLOCK=, num_warps=)`` with one program per (row, block of ``n``
+    elements) over ``rows`` rows, on ``out``'s device; nothing runs when ``out`` is empty. Returns ``out``."""
+    if out.numel() == 0:
+        return out
     block = block_for(n)
-    return block, (rows * triton.cdiv(n, block),)
+    with device_guard(out.device):
+        kernel[(rows * triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps_for(block))
+    return out
 
 
 def block_for(n: int, cap: int = 1024, floor: int = 16) -> int:
@@ -75,8 +80,8 @@ def sm_count(device: torch.device) -> int:
 
 @triton.jit
 def candidate_sample_block(K, B, HW, BLOCK: tl.constexpr):
-    """This program's (candidate k, sample b, channel c, pixel offsets, in-range mask) in a launch of one
-    program per (candidate, sample, channel, pixel block), as ``row_blocks(K * B * C, HW)`` sizes it.
+    """This program's (candidate k, sample b, channel c, pixel offsets, in-range mask) in a launch of
+    one program per (candidate, sample, channel, pixel block): ``launch_rows(kernel, out, K * B * C, HW, ...)``.
 
     int64: K*B*C*H*W passes 2**31 at real scan sizes (K=100, B=128, 3x224x224). Candidate fastest,
     then sample: programs resident together share one (channel, pixel block), so x[:, c, blk] and the

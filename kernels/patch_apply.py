@@ -14,15 +14,7 @@ import triton.language as tl
 
 from baerase.errors import InputError
 
-from ._common import (
-    candidate_sample_block,
-    check_float,
-    check_stats,
-    check_tensors,
-    device_guard,
-    row_blocks,
-    warps_for,
-)
+from ._common import candidate_sample_block, check_float, check_stats, check_tensors, launch_rows
 
 
 @triton.jit
@@ -117,29 +109,9 @@ def patch_apply_fwd(
     _check_positions(op, rows, cols, k, b)
     check_stats(op, mean, std, c)
     out = torch.empty((k, b, c, h, w), dtype=x.dtype, device=device)
-    if out.numel() == 0:
-        return out
-    block, grid = row_blocks(k * b * c, h * w)
-    with device_guard(device):
-        _patch_apply_fwd_kernel[grid](
-            x,
-            patch,
-            rows,
-            cols,
-            mean,
-            std,
-            out,
-            k,
-            b,
-            c,
-            w,
-            h * w,
-            ph,
-            pw,
-            BLOCK=block,
-            num_warps=warps_for(block),
-        )
-    return out
+    return launch_rows(
+        _patch_apply_fwd_kernel, out, k * b * c, h * w, x, patch, rows, cols, mean, std, out, k, b, c, w, h * w, ph, pw
+    )
 
 
 def patch_apply_bwd(
@@ -156,11 +128,5 @@ def patch_apply_bwd(
     _check_positions(op, rows, cols, k, b)
     check_stats(op, std, std, c)
     grad_patch = torch.empty((k, b, c, h, w), dtype=grad_out.dtype, device=device)
-    if grad_patch.numel() == 0:
-        return grad_patch
-    block, grid = row_blocks(k * b * c, h * w)
-    with device_guard(device):
-        _patch_apply_bwd_kernel[grid](
-            grad_out, rows, cols, std, grad_patch, c, height, width, h, w, BLOCK=block, num_warps=warps_for(block)
-        )
-    return grad_patch
+    args = (grad_out, rows, cols, std, grad_patch, c, height, width, h, w)
+    return launch_rows(_patch_apply_bwd_kernel, grad_patch, k * b * c, h * w, *args)

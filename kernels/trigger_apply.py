@@ -15,7 +15,17 @@ import triton.language as tl
 
 from baerase.errors import InputError
 
-from ._common import block_for, check_float, check_stats, check_tensors, device_guard, sm_count, warps_for
+from ._common import (
+    block_for,
+    candidate_sample_block,
+    check_float,
+    check_stats,
+    check_tensors,
+    device_guard,
+    launch_rows,
+    sm_count,
+    warps_for,
+)
 
 
 @triton.jit
@@ -145,26 +155,10 @@ def trigger_apply_fwd(
     device = check_tensors(op, x=x, mask_logits=mask_logits, pattern=pattern, mean=mean, std=std)
     k, b, c, hw, cm, per_sample = _check(op, x, mask_logits, pattern, mean, std)
     out = torch.empty((k, *x.shape), dtype=x.dtype, device=device)
-    if out.numel() == 0:
-        return out
-    block, grid = row_blocks(k * b * c, hw)
-    with device_guard(device):
-        _trigger_apply_fwd_kernel[grid](
-            x,
-            mask_logits,
-            pattern,
-            mean,
-            std,
-            out,
-            k,
-            b,
-            c,
-            hw,
-            *_strides(pattern, c, hw, cm, per_sample),
-            BLOCK=block,
-            num_warps=warps_for(block),
-        )
-    return out
+    strides = _strides(pattern, c, hw, cm, per_sample)
+    return launch_rows(
+        _trigger_apply_fwd_kernel, out, k * b * c, hw, x, mask_logits, pattern, mean, std, out, k, b, c, hw, *strides
+    )
 
 
 def trigger_apply_bwd(

@@ -3,6 +3,7 @@ session's backdoored model (built by the ``backdoored`` fixture in conftest.py).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,27 @@ def assert_same_state(expected: nn.Module | dict, actual: nn.Module | dict, what
     assert list(got) == list(want), f"{what}: tensors {list(got)} != {list(want)}"
     for name, value in want.items():
         assert torch.equal(got[name], value), f"{what}: {name} changed"
+
+
+def colour_scan_script(k: int, steps: int, chunk_size: int, body: str) -> str:
+    """Source of a standalone script that scans a seeded ``SmallCNN(3, k, 8)`` on ``make_colour(k, 12,
+    side=8)`` with ``Config(steps, batch_size=8, eval_samples=32, chunk_size)``, one thread. ``body``
+    (indented as it likes) then runs with ``model``, ``x``, ``y``, ``config`` and ``json``, ``os``,
+    ``sys`` in scope; it calls ``baerase.scan`` itself (with a checkpoint, say)."""
+    head = f"""
+        import json, os, sys
+        import torch
+        torch.set_num_threads(1)
+        import baerase
+        from baerase.data import make_colour
+        from baerase.models.nets import SmallCNN
+
+        torch.manual_seed(0)
+        model = SmallCNN(3, {k}, 8).eval()
+        x, y = make_colour({k}, 12, side=8)
+        config = baerase.Config(steps={steps}, batch_size=8, eval_samples=32, chunk_size={chunk_size}, progress=False)
+        """
+    return textwrap.dedent(head) + textwrap.dedent(body)
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,7 @@ from benchmarks import bench_large as B
 
 TINY = B.Size("tiny", width=4, side=32, classes=40, images=80, knobs={"channels_last": True})
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions stall on thread hand-offs when the cores are busy; one thread is faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions stall on thread hand-offs on busy cores
 
 
 def test_reduced_resnet50_scan_and_row(tmp_path, monkeypatch):

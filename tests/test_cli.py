@@ -47,6 +47,11 @@ def run(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def run_on_files(capsys, command, model, data, *more) -> tuple[int, str]:
+    """``baerase COMMAND MODEL --arch helpers:TinyNet --data DATA MORE...``."""
+    return run(capsys, command, model, "--arch", ARCH, "--data", data, *more)
+
+
 def assert_one_line_error(code, err, *words):
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -59,21 +64,8 @@ def assert_one_line_error(code, err, *words):
 def test_audit_never_modifies_the_model_file_and_records_hashes(files, tmp_path, capsys):
     model, data = files
     before = sha256(model), os.stat(model).st_mtime_ns
-    code, err = run(
-        capsys,
-        "audit",
-        model,
-        "--arch",
-        ARCH,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "out",
-        "--steps",
-        5,
-        "--quiet",
-        "--seed",
-        1,
+    code, err = run_on_files(
+        capsys, "audit", model, data, "--out", tmp_path / "out", "--steps", 5, "--quiet", "--seed", 1
     )
     # An untrained model has no backdoor: nothing is flagged, the erase is trivially verified, exit 0.
     assert code == 0, err
@@ -99,7 +91,7 @@ def test_audit_exits_3_when_the_erase_is_not_verified(files, tmp_path, capsys, m
     monkeypatch.setattr(baerase.api, "erase", unverified)
     model, data = files
     out = tmp_path / "out"
-    code, err = run(capsys, "audit", model, "--arch", ARCH, "--data", data, "--out", out, "--steps", 5, "--quiet")
+    code, err = run_on_files(capsys, "audit", model, data, "--out", out, "--steps", 5, "--quiet")
     assert code == 3, err
     assert json.loads((out / "report.json").read_text())["erase"]["verified"] is False
     assert (out / "model.safetensors").is_file()  # the (unverified) result is still written for inspection
@@ -108,34 +100,20 @@ def test_audit_exits_3_when_the_erase_is_not_verified(files, tmp_path, capsys, m
 def test_existing_out_needs_overwrite_and_is_checked_before_the_work(files, tmp_path, capsys, monkeypatch):
     model, data = files
     out = tmp_path / "out"
-    args = ["scan", model, "--arch", ARCH, "--data", data, "--out", out, "--steps", 5, "--quiet"]
-    assert run(capsys, *args)[0] == 0
+    args = ["scan", model, data, "--out", out, "--steps", 5, "--quiet"]
+    assert run_on_files(capsys, *args)[0] == 0
     written = sha256(out / "report.json")
     with monkeypatch.context() as patch:
         patch.setattr("baerase.api.scan", lambda *a, **k: pytest.fail("scanned before checking --out"))
-        assert_one_line_error(*run(capsys, *args), "already exists", "--overwrite")
+        assert_one_line_error(*run_on_files(capsys, *args), "already exists", "--overwrite")
     assert sha256(out / "report.json") == written
-    assert run(capsys, *args, "--overwrite")[0] == 0
+    assert run_on_files(capsys, *args, "--overwrite")[0] == 0
 
 
 def test_out_holding_the_inputs_is_never_replaced(files, tmp_path, capsys):
     model, data = files
     (tmp_path / "report.json").write_text("{}")  # looks like an earlier output, yet holds the model
-    code, err = run(
-        capsys,
-        "scan",
-        model,
-        "--arch",
-        ARCH,
-        "--data",
-        data,
-        "--out",
-        tmp_path,
-        "--overwrite",
-        "--steps",
-        5,
-        "--quiet",
-    )
+    code, err = run_on_files(capsys, "scan", model, data, "--out", tmp_path, "--overwrite", "--steps", 5, "--quiet")
     assert_one_line_error(code, err, "would replace the input")
     assert model.is_file() and data.is_file()
 
@@ -207,7 +185,7 @@ def test_unreadable_or_truncated_model_file_exits_2_with_one_line(files, tmp_pat
     folder.mkdir()
     bad = _bad_model_files(folder, model)[case]
     before = sha256(bad) if bad.is_file() else None
-    code, err = run(capsys, "scan", bad, "--arch", ARCH, "--data", data, "--out", tmp_path / "out", "--quiet")
+    code, err = run_on_files(capsys, "scan", bad, data, "--out", tmp_path / "out", "--quiet")
     assert_one_line_error(code, err, "baerase: error: ")
     assert not (tmp_path / "out").exists()
     assert (sha256(bad) if bad.is_file() else None) == before
@@ -218,7 +196,7 @@ def test_model_file_without_read_permission(files, capsys):
     model, data = files
     model.chmod(0)
     try:
-        assert_one_line_error(*run(capsys, "scan", model, "--arch", ARCH, "--data", data), "cannot read")
+        assert_one_line_error(*run_on_files(capsys, "scan", model, data), "cannot read")
     finally:
         model.chmod(0o644)
 
@@ -269,7 +247,7 @@ def test_bad_data_files_exit_2_with_one_line(files, tmp_path, capsys, case, word
         labels = labels + 4
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=images, labels=labels)
-    assert_one_line_error(*run(capsys, "scan", model, "--arch", ARCH, "--data", bad, "--quiet"), words)
+    assert_one_line_error(*run_on_files(capsys, "scan", model, bad, "--quiet"), words)
 
 
 def test_0_255_float_data_is_rescaled_with_a_warning(files, capsys):
@@ -277,5 +255,5 @@ def test_0_255_float_data_is_rescaled_with_a_warning(files, capsys):
     with np.load(data) as arrays:
         np.savez(data, images=arrays["images"] * 255, labels=arrays["labels"])
     with pytest.warns(UserWarning, match="dividing by 255"):
-        code, err = run(capsys, "scan", model, "--arch", ARCH, "--data", data, "--steps", 5, "--quiet")
+        code, err = run_on_files(capsys, "scan", model, data, "--steps", 5, "--quiet")
     assert code == 0, err

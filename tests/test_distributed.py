@@ -5,38 +5,30 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import colour_scan_script
 
 import baerase
 from baerase import distributed
 
 K = 6
 
-SCRIPT = textwrap.dedent(
-    f"""
-    import json, os, sys
-    import torch
-    torch.set_num_threads(1)
-    import baerase
-    from baerase.data import make_colour
-    from baerase.models.nets import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN(3, {K}, 8).eval()
-    x, y = make_colour({K}, 12, side=8)
-    config = baerase.Config(steps=8, batch_size=8, eval_samples=32, chunk_size=2, progress=False)
+SCRIPT = colour_scan_script(
+    K,
+    steps=8,
+    chunk_size=2,
+    body="""
     report = baerase.scan(model, x, y, config=config)
     rank = int(os.environ["RANK"])
     out = dict(classes=[[c.target, c.trigger_norm, c.attack_success, c.anomaly_index] for c in report.classes],
                flagged=report.flagged, triggers=None if report.triggers is None else report.triggers.targets.tolist(),
                mask=None if report.triggers is None else report.triggers.mask_logits.sum().item())
-    with open(os.path.join(sys.argv[1], f"rank{{rank}}.json"), "w") as handle:
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as handle:
         json.dump(out, handle)
-    """
+    """,
 )
 
 

@@ -7,34 +7,26 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import colour_scan_script
 
 import baerase
 from baerase.errors import InputError
 
 K, STEPS = 8, 60
 
-SCRIPT = textwrap.dedent(
-    f"""
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
-    import baerase
-    from baerase.data import make_colour
-    from baerase.models.nets import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN(3, {K}, 8).eval()
-    x, y = make_colour({K}, 12, side=8)
-    config = baerase.Config(steps={STEPS}, batch_size=8, eval_samples=32, chunk_size=1, progress=False)
+SCRIPT = colour_scan_script(
+    K,
+    steps=STEPS,
+    chunk_size=1,
+    body="""
     report = baerase.scan(model, x, y, config=config, checkpoint=sys.argv[1])
     print(json.dumps([[c.trigger_norm, c.attack_success] for c in report.classes] + [report.flagged]))
-    """
+    """,
 )
 
 

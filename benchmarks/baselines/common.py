@@ -25,6 +25,15 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, who: str) -> nn.
     return out
 
 
+def device_and_normalizer(
+    model: nn.Module, x: torch.Tensor, normalize: Normalize
+) -> tuple[torch.device, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model's device and the ``normalize`` function for ``x``'s channels on it: what every defense
+    moves batches to and feeds the model through."""
+    device = _device(model)
+    return device, normalizer(normalize, x.shape[1], device)
+
+
 def finish(model: nn.Module) -> nn.Module:
     return model.eval()
 
@@ -47,8 +56,9 @@ def feature_layers(model: nn.Module, x: torch.Tensor, normalize: Normalize = Non
     was_training = model.training
     model.eval()
     try:
+        device, norm = device_and_normalizer(model, x, normalize)
         with torch.no_grad():
-            model(normalizer(normalize, x.shape[1], _device(model))(x[:2].to(_device(model))))
+            model(norm(x[:2].to(device)))
     finally:
         for h in handles:
             h.remove()
@@ -72,8 +82,7 @@ def train_epochs(
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """SGD (momentum 0.9, weight decay 5e-4) over (x, y), the setting the baseline papers fine-tune with."""
-    device = _device(model)
-    norm = normalizer(normalize, x.shape[1], device)
+    device, norm = device_and_normalizer(model, x, normalize)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
     model.train()

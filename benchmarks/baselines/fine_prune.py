@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baerase.attacks.train import Normalize, _device, clean_accuracy, normalizer
+from baerase.attacks.train import Normalize, _device, clean_accuracy
 
-from .common import feature_layers, finish, prepare, train_epochs
+from .common import device_and_normalizer, feature_layers, finish, prepare, train_epochs
 
 
 class ChannelMask(nn.Module):
@@ -27,8 +27,7 @@ class ChannelMask(nn.Module):
 def _mean_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor, normalize: Normalize) -> torch.Tensor:
     store: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, out: store.append(out.clamp(min=0).mean((0, 2, 3))))
-    device = _device(model)
-    norm = normalizer(normalize, x.shape[1], device)
+    device, norm = device_and_normalizer(model, x, normalize)
     try:
         for xb in x.split(256):
             model(norm(xb.to(device)))

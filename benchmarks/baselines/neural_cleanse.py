@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baerase.attacks.train import Normalize, _check_data, _device, normalizer
+from baerase.attacks.train import Normalize, _check_data
 
-from .common import finish, prepare, train_epochs
+from .common import device_and_normalizer, finish, prepare, train_epochs
 
 _MAD_TO_STD = 1.4826
 
@@ -105,8 +105,7 @@ def reverse_engineer(
 
     _check_data(x, y, "reverse_engineer")
     start = time.perf_counter()
-    device = _device(model)
-    norm = normalizer(normalize, x.shape[1], device)
+    device, norm = device_and_normalizer(model, x, normalize)
     was_training = model.training
     model.eval()
     grads = [p.requires_grad for p in model.parameters()]
