@@ -117,7 +117,7 @@ def _write() -> None:
     if scan is None or audit is None:
         return
     rows = [
-        f"\n## {time.strftime('%Y-%m-%d %H:%M')} ({torch.get_num_threads()} threads, baerase {baerase.__version__})",
+        f"\n### {time.strftime('%Y-%m-%d %H:%M')} ({torch.get_num_threads()} threads, baerase {baerase.__version__})",
         "| | baerase | Neural Cleanse (200 steps, batch 32) |",
         "|---|---:|---:|",
         f"| scan: model images per class | {scan['baerase_images_per_class']:,.0f} | "
