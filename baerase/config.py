@@ -284,9 +284,8 @@ class Config:
     @staticmethod
     def from_dict(data: dict) -> Config:
         """The inverse of ``to_dict`` (also accepts a flat dict of knobs)."""
-        if set(data) <= set(GROUPS):
-            return Config(**{k: v for group in data.values() for k, v in group.items()})
-        return Config(**data)
+        knobs = {k: v for group in data.values() for k, v in group.items()} if set(data) <= set(GROUPS) else data
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})  # JSON has no tuples
 
 
 PRESETS = {"fast": Config, "paper": Config.paper}

@@ -2,6 +2,7 @@
 unlearning settings (``config.unlearning``), and the triggers' gradient flags."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -248,3 +249,8 @@ def test_settings_are_frozen_and_checked():
             Unlearning(**bad)
         with pytest.raises(ConfigError):
             CFG.replace(**bad)
+
+
+def test_a_config_survives_its_json_round_trip():
+    config = Config(classes=(1, 3), betas=(0.4, 0.9), min_steps=10, seed=2)
+    assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
