@@ -125,48 +125,39 @@ def unlearn(
     repaired = _trainable_copy(model)
     with _fixed(triggers):
         anchor = [p.detach().clone() for p in repaired.parameters()]
-        schedule = _Schedule(repaired, config.unlearning.unlearn_lr, settings)
+        schedule = _Schedule(repaired, settings.unlearn_lr, settings)
         reference = model if original is None else original
         reference_logp = _answers(reference, fit, val, mean, std)
-        guard = Guard(
-            repaired,
-            triggers,
-            fit,
-            val,
-            config,
-            mean,
-            std,
-            reference_logp=reference_logp,
-            start=anchor,
-            accuracy_floor=accuracy_floor,
-        )
+        guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
+                      accuracy_floor=accuracy_floor)  # fmt: skip
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
-        loss_of = UnlearnLoss(
-            config, reference_logp[: len(fit[1])], anchor, num_classes, reference if scarce else None, mean, std
-        )
-        steps_per_epoch = max(1, math.ceil(len(fit[1]) / config.unlearning.unlearn_batch_size))
-        total = max(config.unlearning.unlearn_epochs * steps_per_epoch, settings.min_steps)
+        loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
+                              reference if scarce else None, mean, std)  # fmt: skip
+        total = max(settings.unlearn_epochs * math.ceil(len(fit[1]) / settings.unlearn_batch_size), settings.min_steps)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         history, step = [guard.first], 0
         while not guard.finished(step, total):
             for batch in batches.epoch(generator):
-                inputs = batches.build(batch, step, generator)
-                terms = loss_of(repaired, inputs, generator)
+                terms = loss_of(repaired, batches.build(batch, step, generator), generator)
                 batches.update_universal(terms.target_nll, terms.valid)
                 schedule.step(terms.total, step)
                 step += 1
                 if on_step is not None:
                     on_step(1)
                 if step % settings.eval_every == 0 or step == total:
-                    row = dict(guard.score(step), **terms.floats())
-                    rows, back_off = guard.accept(row)
-                    history += rows
-                    if back_off:
-                        row["backtracked_to_lr"] = schedule.back_off(guard.best_state)
+                    history += _evaluate(guard, schedule, dict(guard.score(step), **terms.floats()))
                     if guard.finished(step, total):
                         break
     return _outcome(repaired, guard, history, step, schedule.rolled_back)
+
+
+def _evaluate(guard: Guard, schedule: _Schedule, row: dict) -> list[dict]:
+    """The guard's judgement of the checkpoint scored in ``row``; backs off when it is far outside."""
+    rows, back_off = guard.accept(row)
+    if back_off:
+        row["backtracked_to_lr"] = schedule.back_off(guard.best_state)
+    return rows
 
 
 def _outcome(repaired: nn.Module, guard: Guard, history: list[dict], steps: int, rolled_back: int) -> UnlearnOutcome:
