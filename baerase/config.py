@@ -130,9 +130,9 @@ class Detection:
     eval_samples: int = 256  # held-out images used to score each class
     val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
     confirmations: int = 2  # independently seeded re-recoveries that must each reproduce a flag
-    # A repaired class's boundary stays easier to reach: after erasing a blend, the re-scan finds
-    # triggers about 3x smaller than the median while the real trigger flips under 1%.
-    verify_shrink: float = 4.0
+    # A repaired class's boundary stays easier to reach: re-scans of a sine blend erased to 0.2% and a
+    # BadNets model erased to 0.56% find triggers 4-6x smaller than the median (one left in place: 10-100x).
+    verify_shrink: float = 6.0
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
