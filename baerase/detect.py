@@ -100,11 +100,6 @@ class Verdict:
     flagged: torch.Tensor
     confirmation: torch.Tensor
 
-    def reference(self, recovery: Recovery, side: str) -> torch.Tensor:
-        """The unflagged classes' score values: the yardstick of later judgements."""
-        clean = ~self.flagged
-        return score_values(recovery.norms[clean], recovery.success[clean], side)
-
 
 def judge(
     recovery: Recovery, reference: torch.Tensor, config: Config, min_shrink: float
