@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -117,7 +118,7 @@ class ScanReport:
                 trigger_norm=n,
                 anomaly_index=a,
                 flagged=bool(f),
-                confirmation_index=None if c != c else c,
+                confirmation_index=None if math.isnan(c) else c,
                 steps=int(r),
                 screened_out=not whole,
             )

@@ -55,7 +55,10 @@ def plan_chunks(
     """Split ``targets`` into chunks that fit ``config.recovery.memory_budget`` (or ``config.recovery.chunk_size``),
     at least ``parts`` of them when there are enough targets (one per distributed rank)."""
     r = config.recovery
-    per_class = sum(p.numel() for p in _new_triggers(targets[:1], images, config, torch.device("meta")).parameters())
+    with torch.device("meta"):  # counted, never allocated
+        per_class = sum(
+            p.numel() for p in _new_triggers(targets[:1], images, config, torch.device("meta")).parameters()
+        )
     chunk = r.chunk_size or plan_chunk_size(
         model,
         (images[:1] - (0 if mean is None else mean.view(-1, 1, 1))),
