@@ -237,7 +237,7 @@ def _recover_chunk(
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
     bad_steps = 0
     for step in range(steps):
-        active = budget.active(step, tracker, triggers.norms().detach())
+        active = budget.active(step, tracker, triggers)
         if active is None:
             break
         result = _step(forward, images, labels, triggers, tracker, active, config, mean, std)
@@ -246,13 +246,11 @@ def _recover_chunk(
             if bad_steps > _MAX_BAD_STEPS:
                 raise DivergenceError("trigger recovery kept producing NaN/inf losses; check the model and data")
             continue
-        loss, success, attack = result
+        loss, success, attack, mass = result
         with torch.no_grad():
             budget.record(success, attack, active)
             if config.recovery.family == "mask":
-                _keep_where(
-                    best, triggers.state_dict(), tracker.update(success, triggers.norms().detach() / _area(images))
-                )
+                _keep_where(best, triggers.state_dict(), tracker.update(success, mass))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step(active=None if bool(active.all()) else active)
@@ -285,8 +283,8 @@ def _area(images: torch.Tensor) -> int:
 
 
 def _step(forward, images, labels, triggers, tracker, active, config, mean, std):
-    """The loss of one optimisation step and each class's batch success [k] (0 for stopped
-    classes), or None when the loss is not finite."""
+    """(loss, batch success [k] (0 for stopped classes), clipped target probability [k], mask mass
+    per pixel [k]) of one optimisation step, or None when the loss is not finite."""
     k, b = len(triggers), config.recovery.batch_size
     batch = torch.randint(0, len(labels), (b,), device=images.device)
     x, y = images[batch], labels[batch]
@@ -303,13 +301,14 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
     attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
     surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
-    loss = (-attack - config.recovery.alpha * surrogate + tracker.cost * triggers.norms() / _area(images)).sum()
+    mass = triggers.norms() / _area(images)
+    loss = (-attack - config.recovery.alpha * surrogate + tracker.cost * mass).sum()
     if not torch.isfinite(loss):
         return None
     with torch.no_grad():
         flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
         success = (flipped * weight).sum(1) / weight_sum
-    return loss, success, attack.detach()
+    return loss, success, attack.detach(), mass.detach()
 
 
 def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -345,9 +344,10 @@ class _Budget:
         self.reach = torch.zeros(k, device=device)
         self.last_best: torch.Tensor | None = None
 
-    def active(self, step: int, tracker: _MaskCostTracker, norms: torch.Tensor) -> torch.Tensor | None:
+    def active(self, step: int, tracker: _MaskCostTracker, triggers: TriggerSet) -> torch.Tensor | None:
         """bool [k] of the classes that run this step; None once every class has stopped."""
         if step == self.halve_at:
+            norms = triggers.norms().detach()
             hopeless = (self.peak < 0.5 * self.threshold) & (norms > norms.median()) & ~self.stopped
             self.stopped |= hopeless
             log.info("halving: %d of %d candidate classes stop early", int(hopeless.sum()), len(norms))
