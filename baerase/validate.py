@@ -10,9 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import ops
 from .config import Config
+from .data import as_tensors, split
 from .errors import InputError
 from .ops.reference import normalize_images
+from .threads import using_threads
 
 MIN_IMAGES = 20  # below this the fit/validation split leaves too little to score classes on
 
@@ -164,9 +167,6 @@ class Inputs:
     def running(self) -> Iterator[dict[str, str]]:
         """Seeded, with the requested backend and threads, without touching the caller's global RNG;
         yields the backend of each op that ran (filled as they run)."""
-        from . import ops
-        from .threads import using_threads
-
         run = self.config.run
         devices = [self.device] if self.device.type == "cuda" else []
         with (
@@ -193,8 +193,6 @@ def prepare(
 ) -> Inputs:
     """Check every input once and split the clean data: ``held_out`` of it (at most ``keep``
     images) judges, the rest trains. The split is stratified and seeded by ``config.run.seed``."""
-    from .data import as_tensors, split
-
     config = check_config(config)
     model = check_model(model)
     if labels is None:
