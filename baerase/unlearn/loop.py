@@ -133,7 +133,7 @@ def unlearn(
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
-        total = max(settings.unlearn_epochs * math.ceil(len(fit[1]) / settings.unlearn_batch_size), settings.min_steps)
+        total = most_steps(config, len(fit[1]))
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         history, step = [guard.first], 0
@@ -150,6 +150,12 @@ def unlearn(
                     if guard.finished(step, total):
                         break
     return _outcome(repaired, guard, history, step, schedule.rolled_back)
+
+
+def most_steps(config: Config, fit_size: int) -> int:
+    """The most optimisation steps one unlearning round takes on ``fit_size`` images (it stops early once erased)."""
+    u = config.unlearning
+    return max(u.unlearn_epochs * math.ceil(fit_size / u.unlearn_batch_size), u.min_steps)
 
 
 def _evaluate(guard: Guard, schedule: _Schedule, row: dict) -> list[dict]:

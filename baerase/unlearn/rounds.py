@@ -16,7 +16,7 @@ from ..recover import TriggerSet, frozen
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
-from .loop import UnlearnOutcome, unlearn
+from .loop import UnlearnOutcome, most_steps, unlearn
 
 # Below this many guard images, one image is over twice the allowed accuracy drop, and unlearning
 # can lose more on unseen data than the guard sees.
@@ -41,7 +41,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
         with (
             cost.phase(spent, "unlearning"),
-            progress(_most_steps(inputs), f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
+            progress(most_steps(cfg, len(inputs.fit[1])), f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
         ):
             outcome = unlearn(
                 current,
@@ -138,12 +138,6 @@ def _clean_reference(report: ScanReport) -> torch.Tensor:
         torch.tensor([c.attack_success for c in clean]),
         side_of(report.family),
     )
-
-
-def _most_steps(inputs: Inputs) -> int:
-    """The most optimisation steps one unlearning round can take (it stops early once erased)."""
-    u = inputs.config.unlearning
-    return max(u.unlearn_epochs * math.ceil(len(inputs.fit[1]) / u.unlearn_batch_size), u.min_steps)
 
 
 def _warn_small_guard(inputs: Inputs) -> None:
