@@ -14,7 +14,7 @@ from .config import Config
 from .detect import detect
 from .errors import InputError
 from .progress import progress
-from .recover import Recovery, frozen, recover, recover_all
+from .recover import RecoveryResult, frozen, recover, recover_all
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
@@ -142,7 +142,7 @@ def _rerecover(inputs: Inputs, model: nn.Module, desc: str):
     """A re-recovery of some classes of ``model`` (confirmation, verification), with a progress bar."""
     cfg = inputs.config
 
-    def run(targets: list[int], seed_offset: int, steps: int | None, enough=None) -> Recovery:
+    def run(targets: list[int], seed_offset: int, steps: int | None, enough=None) -> RecoveryResult:
         label = desc if seed_offset == 0 else f"{desc} ({seed_offset}/{cfg.detection.confirmations})"
         with progress(len(targets) * (steps or cfg.recovery.steps), label, cfg.run.progress) as bar:
             return recover(

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .recover import Recovery
+from .recover import RecoveryResult
 
 # Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
 # config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
-Rerecover = Callable[..., Recovery]
+Rerecover = Callable[..., RecoveryResult]
 
 _MAD_TO_STD = 1.4826  # makes the median absolute deviation a consistent estimate of a normal std
 
@@ -102,7 +102,7 @@ class Verdict:
 
 
 def judge(
-    recovery: Recovery, reference: torch.Tensor, config: Config, min_shrink: float
+    recovery: RecoveryResult, reference: torch.Tensor, config: Config, min_shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomaly index [k], found [k]) of freshly recovered classes against ``reference`` values."""
     side = side_of(config.recovery.family)
@@ -122,7 +122,7 @@ def judge(
 
 
 def detect(
-    recovery: Recovery,
+    recovery: RecoveryResult,
     rerecover: Rerecover,
     config: Config,
     reference: torch.Tensor | None = None,
@@ -171,7 +171,7 @@ def detect(
 
 def verify(
     targets: list[int], reference: torch.Tensor, rerecover: Rerecover, config: Config, steps: int | None = None
-) -> tuple[Recovery, list[dict], torch.Tensor]:
+) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
     """Recover ``targets`` afresh on a repaired model and judge each against ``reference``.
 
     An unlearned class's boundary stays easier to reach than the clean classes', so its trigger

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_model
 
 import baerase
-from baerase.recover import Recovery
+from baerase.recover import RecoveryResult
 from baerase.recover.screen import pick
 
 K = 12
@@ -35,7 +35,7 @@ def test_many_classes_get_a_short_recovery_and_only_the_chosen_a_full_one():
 
 def test_pick_ranks_by_how_easily_a_class_is_reached_and_samples_the_rest():
     reach = torch.tensor([0.1, 0.45, 0.2, 0.05, 0.3, 0.0, 0.15, 0.25])
-    screening = Recovery(list(range(8)), None, reach, torch.ones(8), torch.full((8,), 3))
+    screening = RecoveryResult(list(range(8)), None, reach, torch.ones(8), torch.full((8,), 3))
     keep, sample = pick(screening, baerase.Config(prescreen_keep=2, reference_sample=3))
     assert keep == [1, 4]
     assert len(sample) == 3 and not set(sample) & set(keep)

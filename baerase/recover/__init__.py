@@ -1,12 +1,12 @@
 """Trigger recovery: stacked generators, the MINE entropy estimator and trigger families."""
 
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
-from .recovery import Recovery, attack_success, frozen, recover
+from .recovery import RecoveryResult, attack_success, frozen, recover
 from .screen import Screened, recover_all
 from .triggers import TriggerSet
 
 __all__ = [
-    "Recovery",
+    "RecoveryResult",
     "Screened",
     "StatisticsNetwork",
     "TriggerGenerator",

@@ -80,7 +80,7 @@ def chunk_seed(seed: int, targets: list[int]) -> int:
 
 
 @dataclass
-class Recovery:
+class RecoveryResult:
     """Recovered triggers of some candidate classes and their evidence.
 
     triggers: TriggerSet of ``targets`` in order (None on a rank other than 0 of a sharded run);
@@ -99,13 +99,13 @@ class Recovery:
         where = {t: i for i, t in enumerate(self.targets)}
         return torch.tensor([where[t] for t in targets], dtype=torch.long)
 
-    def updated(self, other: Recovery) -> Recovery:
+    def updated(self, other: RecoveryResult) -> RecoveryResult:
         """This recovery with ``other``'s classes (a subset, recovered again) replacing their rows;
         the triggers are ``other``'s (a pre-screen keeps none)."""
         rows = self.rows(other.targets)
         success, norms, steps = self.success.clone(), self.norms.clone(), self.steps.clone()
         success[rows], norms[rows], steps[rows] = other.success, other.norms, other.steps
-        return Recovery(self.targets, other.triggers, success, norms, steps)
+        return RecoveryResult(self.targets, other.triggers, success, norms, steps)
 
 
 def recover(
@@ -124,7 +124,7 @@ def recover(
     sharded: bool = False,
     enough: Callable[[torch.Tensor], torch.Tensor] | None = None,
     keep_triggers: bool = True,
-) -> Recovery:
+) -> RecoveryResult:
     """Recover a trigger distribution for each class in ``targets`` and score it on ``val``.
 
     fit, val: (images [N, C, H, W] in [0, 1], labels [N]) on the model's device (val None: success
@@ -164,7 +164,7 @@ def recover(
         if keep_triggers:
             triggers = distributed.gather(chunks, mine, triggers, success, device)[0]
         success, ran, norms = (distributed.gather_values(chunks, mine, v, device) for v in (success, ran, norms))
-    return Recovery(targets, triggers, success.cpu(), norms.cpu(), ran.cpu())
+    return RecoveryResult(targets, triggers, success.cpu(), norms.cpu(), ran.cpu())
 
 
 def _each_chunk(chunks: list[list[int]], run: Callable[[list[int]], tuple]) -> list[tuple]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .recovery import Recovery, recover
+from .recovery import RecoveryResult, recover
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Screened:
     """A scan's recovery of every class; ``reference`` (bool [K]) marks the classes whose values
     judge the others and ``recovered`` (bool [K]) those fully recovered (both None: every class)."""
 
-    recovery: Recovery
+    recovery: RecoveryResult
     reference: torch.Tensor | None
     recovered: torch.Tensor | None
 
@@ -75,7 +75,7 @@ def recover_all(
     return Screened(screening.updated(full), reference, recovered)
 
 
-def pick(screening: Recovery, config: Config) -> tuple[list[int], list[int]]:
+def pick(screening: RecoveryResult, config: Config) -> tuple[list[int], list[int]]:
     """(the classes most easily reached, a random sample of the others) from a short recovery,
     ranked by the target probability its triggers reached (every mask starts alike, so the class
     the model is most easily pushed to ranks first)."""
