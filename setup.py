@@ -110,6 +110,6 @@ def optional_build(base):
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"baerase.data": ["*.npz"]},
+    package_data={"baerase.data": ["*.npz"], "baerase.schema": ["*.json"]},
     **extension_kwargs(),
 )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import __version__
 from .config import PRESETS, Config
@@ -42,7 +45,17 @@ def _parse_kwargs(pairs: list[str]) -> dict:
 def _config(args) -> Config:
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "family", "seed", "backend", "device", "universal_eps", "threads")
+        for k in (
+            "steps",
+            "family",
+            "seed",
+            "backend",
+            "device",
+            "universal_eps",
+            "threads",
+            "max_seconds",
+            "max_model_images",
+        )
         if getattr(args, k, None) is not None
     }
     if "threads" not in changes:
@@ -54,7 +67,7 @@ def _config(args) -> Config:
             changes["classes"] = tuple(int(c) for c in args.classes.split(","))
         except ValueError:
             raise InputError(f"--classes wants comma-separated class indices, e.g. 0,3; got {args.classes!r}") from None
-    changes["progress"] = not args.quiet
+    changes["progress"] = not args.quiet and sys.stderr.isatty()  # bars only where someone watches
     return PRESETS[args.preset](**changes)
 
 
@@ -81,20 +94,24 @@ def _record_sources(report, args) -> None:
 
     from .models import sha256_file
 
+    report.provenance.update(getattr(args, "model_provenance", {}))  # set by _load_inputs
     if Path(args.data).is_file():
         report.provenance.update(data_file=str(Path(args.data).resolve()), data_file_sha256=sha256_file(args.data))
 
 
 def _load_inputs(args):
     from .data import load_dataset
-    from .models import load_model
+    from .models import load_model, resolve_normalize
 
     _check_out(args)
     model = load_model(args.model, args.arch, trust_pickle=args.trust_pickle, **_parse_kwargs(args.arch_arg))
     if args.device is not None:
         model = model.to(args.device)  # a loaded model is our own copy; the file is untouched
     images, labels = load_dataset(args.data)
-    return model, images, labels, _parse_normalize(args.normalize)
+    # Without --normalize, a torchvision/timm/hub model gets its library's mean/std.
+    given = _parse_normalize(args.normalize)
+    normalize, args.model_provenance = resolve_normalize(model, tuple(images.shape[1:]), given)
+    return model, images, labels, normalize
 
 
 def _cmd_scan(args) -> int:
@@ -107,7 +124,7 @@ def _cmd_scan(args) -> int:
     print(report.summary())
     if args.out:
         print(f"\nwrote {write_outputs(args.out, report, images, overwrite=args.overwrite)}")
-    return 0
+    return 4 if report.cut_short else 0
 
 
 def _cmd_erase(args) -> int:
@@ -119,7 +136,7 @@ def _cmd_erase(args) -> int:
     result = erase(model, images, labels, report, normalize=normalize, config=_config(args))
     print(result.summary())
     print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
-    return 0 if result.verified else 3
+    return _status(result)
 
 
 def _cmd_audit(args) -> int:
@@ -134,7 +151,12 @@ def _cmd_audit(args) -> int:
         "\nAudit cost (images through the suspect model):\n" + report.cost.merged(result.cost).table(report.num_classes)
     )
     print(f"\nwrote {write_outputs(args.out, report, images, result, overwrite=args.overwrite)}")
-    return 0 if result.verified else 3
+    return _status(result)
+
+
+def _status(result) -> int:
+    """An erase's exit status: 0 verified, 3 not verified, 4 cut short by its budget (no verdict)."""
+    return 4 if result.cut_short else 0 if result.verified else 3
 
 
 def _cmd_demo(args) -> int:
@@ -142,17 +164,73 @@ def _cmd_demo(args) -> int:
 
     _check_out(args)
     return run_demo(
-        attack=args.attack, target=args.target, out=args.out, overwrite=args.overwrite, config=_config(args)
+        attack=args.attack,
+        target=args.target,
+        out=args.out,
+        overwrite=args.overwrite,
+        config=_config(args),
+        echo=print,
     )
+
+
+def _cmd_audit_many(args) -> int:
+    from .fleet import audit_many
+
+    # The per-model status lines are notes of the baerase.fleet logger, printed by main's console logging.
+    result = audit_many(
+        args.models,
+        args.out,
+        data=args.data,
+        arch=args.arch,
+        arch_kwargs=_parse_kwargs(args.arch_arg),
+        normalize=_parse_normalize(args.normalize),
+        trust_pickle=args.trust_pickle,
+        config=_config(args),
+        engine="local" if args.no_ray else "auto",
+        address=args.address,
+        workers=args.workers,
+        cpus_per_task=args.cpus_per_task or args.threads or 1,
+        gpus_per_task=args.gpus_per_task,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
+    print(f"{len(result.rows)} models ({counts}) in {result.seconds:.1f}s; wrote {result.out / 'summary.md'}")
+    return 0 if not result.counts["error"] else 3
+
+
+def _cmd_trojai(args) -> int:
+    from .trojai import UNDECIDED, trojai_scan, write_probability
+
+    try:
+        probability, report = trojai_scan(
+            args.model_filepath,
+            args.scratch_dirpath,
+            args.examples_dirpath,
+            arch=args.arch,
+            arch_kwargs=_parse_kwargs(args.arch_arg),
+            normalize=_parse_normalize(args.normalize),
+            trust_pickle=args.trust_pickle,
+            config=_config(args),
+        )
+    except BaseException:
+        write_probability(args.result_filepath, UNDECIDED)  # the harness reads a number whatever happens
+        raise
+    write_probability(args.result_filepath, probability)
+    print(f"{probability:.6f} (flagged classes: {report.flagged or 'none'})")
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
     p.add_argument(
         "model",
         help="model file: safetensors / .pt state dict (needs --arch), TorchScript, "
-        "or a pickled model with --trust-pickle",
+        "a pickled model with --trust-pickle, or a timm model on the Hugging Face hub (hf://ORG/REPO)",
     )
-    p.add_argument("--arch", help="architecture: a registry name (small_cnn, resnet18) or module:callable")
+    p.add_argument(
+        "--arch",
+        help="architecture: a registry name (small_cnn, resnet18), torchvision:NAME, timm:NAME or module:callable",
+    )
     p.add_argument(
         "--arch-arg",
         action="append",
@@ -166,7 +244,11 @@ def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
         help="clean hold-out data: .npz, image folder, CIFAR batches, "
         "GTSRB folder, idx file, or a built-in name (mnist, colour10)",
     )
-    p.add_argument("--normalize", help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25")
+    p.add_argument(
+        "--normalize",
+        help="per-channel MEAN:STD applied before the model, e.g. 0.5,0.5,0.5:0.25,0.25,0.25 "
+        "(default: a torchvision/timm/hub model's own)",
+    )
     p.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -193,8 +275,52 @@ def _options(p: argparse.ArgumentParser) -> None:
         help="L-inf radius of the universal perturbation per flagged class "
         "unlearned with the recovered triggers (default 0.1; 0: off)",
     )
+    p.add_argument("--max-seconds", type=float, help="wall-time budget; past it the run ends, cut short (exit 4)")
+    p.add_argument(
+        "--max-model-images", type=int, help="budget of images through the suspect model; past it, as --max-seconds"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress notes (warnings still show)")
+
+
+def _add_fleet(sub) -> None:
+    p = sub.add_parser("audit-many", help="audit a fleet of models, one task per model (on Ray when installed)")
+    p.add_argument("models", nargs="+", help="model files, directories of them, or a manifest (.jsonl / .csv)")
+    p.add_argument("--out", required=True, help="output directory: one audit folder per model and summary.*")
+    p.add_argument("--data", help="clean hold-out data for every model a manifest row gives none for")
+    p.add_argument("--arch", help="architecture for every model a manifest row gives none for")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE", help="architecture argument")
+    p.add_argument("--normalize", help="per-channel MEAN:STD applied before every model")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickled models (runs code from them)")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--workers", type=int, help="most models audited at once (default: what the cluster fits)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs (and torch threads) per model (default: --threads or 1)")
+    p.add_argument("--gpus-per-task", type=float, help="GPUs per model (default: 1 where the cluster has GPUs)")
+    p.add_argument("--no-ray", action="store_true", help="audit the models one after another in this process")
+    _options(p)
+    p.set_defaults(func=_cmd_audit_many)
+
+
+def _add_trojai(sub) -> None:
+    p = sub.add_parser("trojai", help="TrojAI harness: write the probability that a model is poisoned")
+    p.add_argument("--model_filepath", required=True, help="model.pt: a pickled model or a state dict (--arch)")
+    p.add_argument("--result_filepath", required=True, help="file the probability is written to")
+    p.add_argument("--scratch_dirpath", required=True, help="folder for the scan's report")
+    p.add_argument("--examples_dirpath", required=True, help="folder of clean example images with labels")
+    for name in (
+        "--round_training_dataset_dirpath",
+        "--metaparameters_filepath",
+        "--schema_filepath",
+        "--learned_parameters_dirpath",
+        "--source_dataset_dirpath",
+    ):
+        p.add_argument(name, help=argparse.SUPPRESS)  # passed by the harness; a scan needs none of them
+    p.add_argument("--arch", help="architecture when model.pt holds a state dict")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE", help="architecture argument")
+    p.add_argument("--normalize", help="per-channel MEAN:STD applied before the model")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a full pickled model (runs code from the file)")
+    _options(p)
+    p.set_defaults(func=_cmd_trojai)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,13 +343,40 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "erase":
             p.add_argument("--report", required=True, help="output directory of an earlier scan")
         p.set_defaults(func=func)
+    _add_fleet(sub)
+    _add_trojai(sub)
     return parser
+
+
+class _ConsoleFormat(logging.Formatter):
+    """Notes as they are; warnings and errors named as such, as the one-line errors are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"baerase: {record.levelname.lower()}: {message}"
+
+
+@contextmanager
+def _console_logging(quiet: bool) -> Iterator[None]:
+    """The library's log records on stderr while a command runs (notes unless ``quiet``, warnings
+    always); the ``baerase`` logger is left as it was afterwards."""
+    logger, handler = logging.getLogger("baerase"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormat())
+    level = logger.level
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _console_logging(getattr(args, "quiet", False)):
+            return args.func(args)
     except (BaeraseError, OSError) as exc:
         # One line: scanners parse stderr, and a traceback says nothing the message does not.
         print(f"baerase: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -8,6 +8,7 @@ read settings through their group (``config.unlearning.max_accuracy_drop``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
@@ -192,23 +193,42 @@ class Unlearning:
 
 @dataclass(frozen=True)
 class Run:
-    """How a run executes: none of these changes the method."""
+    """How a run executes: none of these changes the method.
+
+    ``max_seconds`` and ``max_model_images`` bound one scan, erase or audit (an audit's scan and
+    erase share them): wall seconds since it started, and images passed through the suspect model
+    (``report.cost.forward``). When either runs out the run ends at its next model call (unlearning:
+    at its next step) and its report says so in ``cut_short``: a scan reports the classes it
+    finished and no verdict, an erase returns the best checkpoint its guard kept (or the input
+    model), unverified. None: unlimited.
+    """
 
     seed: int = 0
     backend: str | None = None  # "triton" | "cpp" | "ref" | None (automatic)
     device: str | None = None  # None: the model's device
-    progress: bool = True
+    progress: bool = False  # tqdm bars on stderr (the CLI turns them on at a terminal)
     checkpoint_dir: str | None = None  # finished chunks saved here; a killed scan resumes from them
     amp: bool = False  # bf16 autocast of the suspect model's forward on CUDA (no effect on CPU)
     channels_last: bool = False  # feed the model channels-last images (convs on tensor cores prefer it)
     compile: bool = False  # torch.compile the suspect model for recovery
-    threads: int | None = None  # CPU threads while baerase runs; None: torch's setting is left alone
+    # CPU threads while baerase runs; None: torch's setting is left alone. torch's count is process-wide
+    # (except per thread under OpenMP): scans run concurrently in threads should leave it None.
+    threads: int | None = None
+    max_seconds: float | None = None  # wall-time budget of one scan / erase / audit; None: unlimited
+    max_model_images: int | None = None  # suspect-model images one scan / erase / audit may spend; None: unlimited
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be 'triton', 'cpp', 'ref' or None, got {self.backend!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
+        seconds = self.max_seconds
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf
+        ):
+            raise ConfigError(f"max_seconds must be a positive, finite number of seconds or None, got {seconds!r}")
+        if self.max_model_images is not None:
+            _positive_ints(self, ("max_model_images",))
 
 
 GROUPS = {"recovery": Recovery, "detection": Detection, "unlearning": Unlearning, "run": Run}

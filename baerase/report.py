@@ -15,11 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import rng
 from .cost import Cost
 from .errors import DivergenceError, InputError
 from .recover import TriggerSet
+from .report_html import write_html
 
-SCHEMA_VERSION = 2
+# The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``.
+SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -50,6 +53,9 @@ class ScanReport:
     provenance: dict = field(default_factory=dict)
     triggers: TriggerSet | None = field(default=None, repr=False)  # recovered distributions
     cost: Cost = field(default_factory=Cost)  # images through the suspect model and seconds, per phase
+    # Why the scan ended early (its budget ran out): then ``classes`` holds only the classes it finished,
+    # none flagged, and ``flagged == []`` is no verdict.
+    cut_short: str | None = None
 
     @property
     def flagged(self) -> list[int]:
@@ -60,6 +66,7 @@ class ScanReport:
         return {
             "schema_version": SCHEMA_VERSION,
             "flagged": self.flagged,
+            "cut_short": self.cut_short,
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
             "family": self.family,
@@ -77,6 +84,11 @@ class ScanReport:
 
     def summary(self) -> str:
         verdict = f"backdoored: classes {self.flagged}" if self.flagged else "no backdoor found"
+        if self.cut_short:
+            verdict = (
+                f"INCONCLUSIVE: cut short, {self.cut_short}; {len(self.classes)} of {self.num_classes} "
+                "classes recovered, no verdict"
+            )
         lines = [
             (
                 f"Scan of {self.num_classes} classes ({self.family} triggers, {self.backend} backend, "
@@ -165,6 +177,7 @@ class ScanReport:
             provenance=scan.get("provenance", {}),
             triggers=triggers,
             cost=Cost.from_dict(scan.get("cost")),
+            cut_short=scan.get("cut_short"),
         )
 
 
@@ -194,11 +207,15 @@ class EraseResult:
     rolled_back: int = 0  # unlearning steps undone because they produced NaN/inf
     changed: bool = True  # False: no unlearning step was kept (see UNCHANGED); model is the input's copy
     cost: Cost = field(default_factory=Cost)  # images through the suspect model and seconds, per phase
+    # Why the erase ended early (the budget ran out, or the scan was cut short): ``model`` is the best
+    # checkpoint the guard kept (or the input's copy, ``changed`` False), and it is not verified.
+    cut_short: str | None = None
 
     def to_dict(self) -> dict:
         keys = (
             "erased",
             "verified",
+            "cut_short",
             "changed",
             "evidence",
             "accuracy_before",
@@ -217,11 +234,15 @@ class EraseResult:
         return json.dumps(self.to_dict(), indent=indent)
 
     def summary(self) -> str:
+        if self.cut_short and not self.erased:
+            return f"Nothing erased: {self.cut_short}."
         if not self.erased:
             return "Nothing to erase: no class was flagged."
         state = (
             "verified: a re-scan finds no backdoor"
             if self.verified
+            else "NOT verified: cut short before a re-scan cleared it"
+            if self.cut_short
             else "NOT verified: a re-scan still finds a trigger"
         )
         text = (
@@ -229,7 +250,10 @@ class EraseResult:
             f"Validation clean accuracy {self.accuracy_before:.3f} -> {self.accuracy_after:.3f}; "
             f"recovered-trigger success {self.trigger_asr_before:.3f} -> {self.trigger_asr_after:.3f}."
         )
-        if not self.changed:
+        if self.cut_short:
+            kept = "the best checkpoint the accuracy guard kept" if self.changed else "the input model, unchanged"
+            text += f"\nCut short, {self.cut_short}: the model is {kept}."
+        elif not self.changed:
             text += f"\n{UNCHANGED}"
         return text + "\n\nCost (images through the suspect model):\n" + self.cost.table(self.num_classes)
 
@@ -272,8 +296,9 @@ def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> N
     """Per class: the mask (mask family), one generated trigger and one stamped image."""
     triggers = report.triggers
     folder.mkdir()
-    _, g = triggers.sample(8)
-    stamped = triggers.stamp(images[:8].to(g.device), g)
+    with rng.seeded(0):  # the same pictures every time, and the caller's global RNG untouched
+        _, g = triggers.sample(8)
+        stamped = triggers.stamp(images[:8].to(g.device), g)
     scale = max(1, 128 // max(report.image_shape[1:]))
     c, h, w = report.image_shape
     for i, target in enumerate(triggers.targets.tolist()):
@@ -325,6 +350,7 @@ def write_outputs(
             save_file(model_state, str(staging / "model.safetensors"))
         (staging / "report.json").write_text(json.dumps(document, indent=2))
         (staging / "report.md").write_text("\n".join(markdown) + "\n")
+        write_html(staging / "report.html", report, images, result)
         if report.triggers is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in report.triggers.state_dict().items()}
             save_file(state, str(staging / "triggers.safetensors"))

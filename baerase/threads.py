@@ -5,12 +5,20 @@ container's CPU quota, so several scans on a shared machine oversubscribe it: ea
 on the others. :func:`available_cpus` reads the affinity mask and the cgroup (v2 or v1) quota,
 :func:`default_threads` lets ``OMP_NUM_THREADS`` override that, and :func:`using_threads` sets
 torch's thread count for a block and restores it afterwards.
+
+The library changes torch's count only when asked (``Config(threads=n)``; the default None leaves it
+alone). That count is process-wide in torch's native and TBB builds (per calling thread under
+OpenMP), so scans that run concurrently in threads of one process should leave ``threads`` None and
+let the process set torch's count once; :func:`using_threads` logs a warning when two threads
+override it at once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +28,8 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["available_cpus", "cgroup_cpu_quota", "default_threads", "using_threads"]
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
@@ -65,7 +75,8 @@ def using_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)``, then restore the previous count.
 
     ``None`` leaves the count as it is. Raises :class:`~baerase.errors.ConfigError` (a
-    ``ValueError``) when ``n`` is not a positive integer.
+    ``ValueError``) when ``n`` is not a positive integer. Where torch's count is process-wide,
+    overrides in two threads at once interleave: a warning says so.
     """
     if n is None:
         yield
@@ -75,12 +86,38 @@ def using_threads(n: int | None) -> Iterator[None]:
         raise ConfigError(f"using_threads: the thread count must be a positive int or None, got {n!r}")
     if n < 1:
         raise ConfigError(f"using_threads: the thread count must be at least 1, got {n}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+    with _overriding():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
+_overrides: dict[int, int] = {}  # thread id -> open using_threads blocks
+_overrides_lock = threading.Lock()
+
+
+@contextmanager
+def _overriding() -> Iterator[None]:
+    """Count this thread's override for the block; warn when another thread holds one too."""
+    me = threading.get_ident()
+    with _overrides_lock:
+        others = sum(1 for thread in _overrides if thread != me)
+        _overrides[me] = _overrides.get(me, 0) + 1
+    if others:
+        log.warning(
+            "another thread is also setting torch's thread count (Config(threads=...)); where it is "
+            "process-wide the two interleave: leave threads=None for concurrent scans"
+        )
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        with _overrides_lock:
+            _overrides[me] -= 1
+            if not _overrides[me]:
+                del _overrides[me]
 
 
 def _affinity_cpus() -> int:

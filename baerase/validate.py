@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, rng
 from .config import Config
 from .data import as_tensors, split
 from .errors import InputError
@@ -165,17 +165,17 @@ class Inputs:
 
     @contextmanager
     def running(self) -> Iterator[dict[str, str]]:
-        """Seeded, with the requested backend and threads, without touching the caller's global RNG;
-        yields the backend of each op that ran (filled as they run)."""
+        """Seeded, with the requested backend and threads; yields the backend of each op that ran
+        (filled as they run). The random streams (``baerase.rng``), the backend and the cost records
+        belong to this thread or task alone; only a requested thread count changes torch's, which
+        is process-wide (see ``baerase.threads.using_threads``)."""
         run = self.config.run
-        devices = [self.device] if self.device.type == "cuda" else []
         with (
-            torch.random.fork_rng(devices=devices),
+            rng.seeded(run.seed),
             ops.use_backend(run.backend),
             using_threads(run.threads),
             ops.record_backends() as used,
         ):
-            torch.manual_seed(run.seed)
             yield used
 
 

@@ -20,6 +20,7 @@ CASES = {  # name: (device, model, image shape, classes)
     "cuda-colour100": ("cuda", lambda: SmallCNN(3, 100, 32), (3, 32, 32), 100),
 }
 _times: dict[tuple[str, str], float] = {}
+_fastest: dict[tuple[str, str], float] = {}
 
 
 @pytest.mark.parametrize("backend", ["ref", "cpp", "cpp+compile", "triton"])
@@ -36,9 +37,15 @@ def test_scan(benchmark, case, backend):
     images = torch.rand(400, *shape, device=device)
     labels = torch.arange(400, device=device) % k
     config = baerase.Config(steps=30, backend=ops_backend, compile=bool(compiled), progress=False)
-    benchmark.pedantic(baerase.scan, args=(model, images, labels), kwargs={"config": config}, rounds=3, warmup_rounds=1)
+    report = benchmark.pedantic(
+        baerase.scan, args=(model, images, labels), kwargs={"config": config}, rounds=3, warmup_rounds=1
+    )
     _times[(case, backend)] = benchmark.stats.stats.median
     base = _times.get((case, "ref"))
+    _fastest[(case, backend)] = benchmark.stats.stats.min  # compare.py's ratio: fastest round over fastest
+    benchmark.extra_info.update(images_per_class=round(report.cost.per_class(k), 1), flagged=report.flagged)
+    if (case, "ref") in _fastest:
+        benchmark.extra_info["speedup_vs_ref"] = round(_fastest[(case, "ref")] / benchmark.stats.stats.min, 3)
     if base is not None and backend != "ref":
         print(
             f"\n{case}: {backend} {benchmark.stats.stats.median:.2f}s vs ref {base:.2f}s "

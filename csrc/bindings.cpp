@@ -3,6 +3,9 @@
 // torch/csrc/utils/pybind.h carries the Tensor casters without the whole C++ frontend that
 // torch/extension.h pulls in, which dominates compile time.
 #include <torch/csrc/utils/pybind.h>
+#include <torch/version.h>
+
+#include <string>
 
 #include "simd.h"
 
@@ -27,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "baerase CPU kernels: trigger and patch application, trigger loss, batched per-class Adam";
   // The kernels touch no Python object: release the GIL so other Python threads run meanwhile.
   using release = py::call_guard<py::gil_scoped_release>;
+  // The ABI is only stable within a torch minor release: dispatch refuses a module built for another.
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
   m.def("trigger_apply_fwd", &baerase::trigger_apply_fwd, release(),
         "normalize(x + sigmoid(m) * (p - x)) -> [K,B,C,H,W]");
   m.def("trigger_apply_bwd", &baerase::trigger_apply_bwd, release(), "(grad_mask_logits, grad_pattern)");

@@ -2,8 +2,9 @@
 
 Model files are untrusted by definition, so nothing here unpickles arbitrary objects unless the
 caller opts in with ``trust_pickle=True``: weights come from safetensors or from
-``torch.load(weights_only=True)``, architectures from baerase's registry or a ``module:callable``
-the caller names, and TorchScript archives through ``torch.jit.load``.
+``torch.load(weights_only=True)``, architectures from baerase's registry, torchvision's or timm's
+(``torchvision:<name>``, ``timm:<name>``, see :mod:`.sources`) or a ``module:callable`` the caller
+names, and TorchScript archives through ``torch.jit.load``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, LoadError
+from . import sources
 from .nets import ARCHITECTURES
 
 PathLike = str | os.PathLike
@@ -86,6 +88,8 @@ def _resolve_arch(arch: str | Callable[..., nn.Module], path: Path) -> Callable[
         return arch
     if not isinstance(arch, str) or not arch:
         raise LoadError(f"{path}: arch must be a registry name, 'module:callable' or a callable, got {arch!r}")
+    if sources.is_source_arch(arch):
+        return sources.resolve_arch(arch)
     if ":" not in arch:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
@@ -184,12 +188,17 @@ def load_model(
       - ``.pt``/``.pth`` state dict or checkpoint dict (``state_dict``/``model_state_dict`` key),
         read with ``torch.load(weights_only=True)``: needs ``arch``;
       - TorchScript archive (``torch.jit.save``): self-contained, ``arch`` is ignored;
-      - a fully pickled ``nn.Module`` (``torch.save(model)``): only with ``trust_pickle=True``.
+      - a fully pickled ``nn.Module`` (``torch.save(model)``): only with ``trust_pickle=True``;
+      - ``hf://<org>/<repo>[@<revision>]`` or a local folder holding ``config.json`` and
+        ``model.safetensors``: a timm model from the Hugging Face hub, ``arch`` must be None.
 
-    ``arch`` is a name in ``ARCHITECTURES``, a ``"package.module:callable"`` string or a callable;
-    it is called with ``arch_kwargs`` to build the model the weights are loaded into.
+    ``arch`` is a name in ``ARCHITECTURES``, ``"torchvision:<name>"``, ``"timm:<name>"``, a
+    ``"package.module:callable"`` string or a callable; it is called with ``arch_kwargs`` to build
+    the model the weights are loaded into (for a hub model they override its ``model_args``).
     Every failure raises :class:`baerase.errors.LoadError` naming the file and the fix.
     """
+    if sources.is_hub_spec(path) or sources.is_hub_folder(Path(os.fspath(path))):
+        return _load_hub(path, arch, arch_kwargs)
     p = Path(os.fspath(path))
     if not p.exists():
         raise LoadError(f"model file {str(p)!r} does not exist; check the path")
@@ -226,7 +235,21 @@ def load_model(
     return model
 
 
-def _load_safetensors(p: Path, arch, arch_kwargs: dict) -> nn.Module:
+def _load_hub(path: PathLike, arch, arch_kwargs: dict) -> nn.Module:
+    """A timm model from ``hf://<org>/<repo>[@<revision>]`` or a local folder laid out like one."""
+    if arch is not None:
+        raise LoadError(f"{os.fspath(path)}: a hub model names its architecture in config.json; drop arch= (--arch)")
+    if sources.is_hub_spec(path):
+        model, weights = sources.load_hub(path, **arch_kwargs)
+    else:
+        model, weights = sources.load_hub_folder(Path(os.fspath(path)), **arch_kwargs)
+    model = model.cpu().eval()
+    _SOURCES[model] = os.path.realpath(weights)
+    return model
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file."""
     from safetensors import safe_open
 
     try:
@@ -235,6 +258,11 @@ def _load_safetensors(p: Path, arch, arch_kwargs: dict) -> nn.Module:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:
         raise LoadError(f"{p}: corrupt or truncated safetensors file ({e}); re-export the weights") from e
+    return sd, metadata
+
+
+def _load_safetensors(p: Path, arch, arch_kwargs: dict) -> nn.Module:
+    sd, metadata = _read_safetensors(p)
     if arch is None:
         # Only registry names are taken from the file: a module path in metadata would make
         # loading an untrusted file import code it names.

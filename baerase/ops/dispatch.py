@@ -31,7 +31,7 @@ import torch
 
 from ..errors import BackendError, InputError
 
-log = logging.getLogger("baerase")
+log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "cpp", "ref")
 OPS = ("trigger_apply", "patch_apply", "trigger_loss", "adam_step")
@@ -68,11 +68,20 @@ def _module(name: str) -> ModuleType | None:
         with _load_lock:  # threads that first need a backend together import (and warn) once
             if name not in _loaded:
                 try:
-                    _loaded[name] = importlib.import_module(_MODULES[name])
+                    _loaded[name] = _checked(importlib.import_module(_MODULES[name]))
                 except Exception as exc:  # an optional backend fails in many ways; keep the reason
                     _loaded[name], _load_errors[name] = None, f"{type(exc).__name__}: {exc}"
                     log.warning("baerase %s backend unavailable (%s); the reference serves its ops.", name, exc)
     return _loaded[name]
+
+
+def _checked(module: ModuleType) -> ModuleType:
+    """``module``, unless it is a C++ extension built against another torch release than this one."""
+    built = getattr(module, "torch_version", None)
+    running = ".".join(torch.__version__.split(".")[:2])
+    if built is not None and built != running:
+        raise ImportError(f"built for torch {built}, running torch {running}; reinstall baerase to rebuild it")
+    return module
 
 
 def _device_types(name: str) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 from .triggers import TriggerSet
 
-log = logging.getLogger("baerase")
+log = logging.getLogger(__name__)
 
 _FORMAT = 1
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops, rng
 from .layers import StackedBatchNorm, StackedLinear
 
 
@@ -67,7 +67,8 @@ def mine_estimate(
     """
     n = z.shape[1]
     t_joint = stats(z, g)
-    t_marginal = stats(z[:, torch.randperm(n, device=z.device)], g)  # break the (z, g) pairing
+    shuffled = torch.randperm(n, device=z.device, generator=rng.generator(z.device))
+    t_marginal = stats(z[:, shuffled], g)  # break the (z, g) pairing
     log_mean_exp = torch.logsumexp(t_marginal, 1) - torch.log(torch.tensor(float(n), device=z.device))
     mean_exp = log_mean_exp.exp()
     with torch.no_grad():

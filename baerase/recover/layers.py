@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .. import rng
+
 
 class StackedLinear(nn.Module):
     """K independent linear layers: x [K, N, in] -> [K, N, out]."""
@@ -14,8 +16,8 @@ class StackedLinear(nn.Module):
     def __init__(self, stacks: int, in_features: int, out_features: int) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per stack
-        self.weight = nn.Parameter(torch.empty(stacks, in_features, out_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(stacks, 1, out_features).uniform_(-bound, bound))
+        self.weight = nn.Parameter(rng.uniform_(torch.empty(stacks, in_features, out_features), -bound, bound))
+        self.bias = nn.Parameter(rng.uniform_(torch.empty(stacks, 1, out_features), -bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import cost, ops
+from .. import cost, ops, rng
 from ..config import Config
 from ..errors import DivergenceError
 from .generator import mine_estimate
 from .memory import plan_chunk_size, trigger_bytes
 from .triggers import TriggerSet
 
-log = logging.getLogger("baerase")
+log = logging.getLogger(__name__)
 
 _ENOUGH_EVERY = 10  # steps between checks of whether a class's question is answered
 _MAX_BAD_STEPS = 20  # non-finite steps tolerated (each skipped) before giving up
@@ -191,7 +191,7 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
             on_step(len(piece) * steps)
         triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
         return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
-    torch.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
+    rng.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
     triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
     success = reach if val is None else attack_success(triggers, forward, *val, mean, std)
     if store is not None:
@@ -286,7 +286,7 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     """(loss, batch success [k] (0 for stopped classes), clipped target probability [k], mask mass
     per pixel [k]) of one optimisation step, or None when the loss is not finite."""
     k, b = len(triggers), config.recovery.batch_size
-    batch = torch.randint(0, len(labels), (b,), device=images.device)
+    batch = torch.randint(0, len(labels), (b,), device=images.device, generator=rng.generator(images.device))
     x, y = images[batch], labels[batch]
     # A class's own images prove nothing about its trigger: they carry no weight in its loss.
     weight = (y.unsqueeze(0) != triggers.targets.unsqueeze(1)).float()

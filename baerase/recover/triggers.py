@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops, rng
 from .generator import StatisticsNetwork, TriggerGenerator
 
 
@@ -62,10 +62,12 @@ class TriggerSet(nn.Module):
 
     def sample(self, n: int, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw n latent codes per class and their triggers: (z [K, n, latent], g [K, n, D])."""
-        z = torch.rand(len(self), n, self.meta["latent_dim"], device=self.targets.device)
+        device = self.targets.device
+        z = torch.rand(len(self), n, self.meta["latent_dim"], device=device, generator=rng.generator(device))
         g = self.generator(z)
         if noise_std > 0:
-            g = (g + noise_std * torch.randn_like(g)).clamp(0, 1)
+            noise = torch.randn(g.shape, device=device, dtype=g.dtype, generator=rng.generator(device))
+            g = (g + noise_std * noise).clamp(0, 1)
         return z, g
 
     def stamp(
@@ -98,8 +100,8 @@ class TriggerSet(nn.Module):
                 mask, pattern = _grow(mask, pattern, spread, paint)
             return ops.trigger_apply(x, mask, pattern, mean, std)
         p = self.meta["patch_size"]
-        rows = torch.randint(0, h - p + 1, (k, b), device=x.device)
-        cols = torch.randint(0, w - p + 1, (k, b), device=x.device)
+        rows = torch.randint(0, h - p + 1, (k, b), device=x.device, generator=rng.generator(x.device))
+        cols = torch.randint(0, w - p + 1, (k, b), device=x.device, generator=rng.generator(x.device))
         return ops.patch_apply(x, g.view(k, b, c, p, p), rows, cols, mean, std)
 
     def norms(self) -> torch.Tensor:
@@ -153,7 +155,8 @@ def _grow(
             / F.avg_pool2d(flat_weight, size, 1, spread).clamp(min=1e-6)
         ).view_as(pattern)
     else:
-        near = torch.rand_like(pattern).round()
+        device = pattern.device
+        near = torch.rand(pattern.shape, device=device, dtype=pattern.dtype, generator=rng.generator(device)).round()
     return grown, weight * pattern + (1 - weight) * near
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cost
 from ..config import Config, Unlearning
 from ..recover import TriggerSet
 from .batch import TriggeredBatches
@@ -137,12 +138,14 @@ def unlearn(
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         history, step = [guard.first], 0
-        while not guard.finished(step, total):
+        while not guard.finished(step, total) and cost.spent() is None:
             for batch in batches.epoch(generator):
                 terms = loss_of(repaired, batches.build(batch, step, generator), generator)
                 batches.update_universal(terms.target_nll, terms.valid)
                 schedule.step(terms.total, step)
                 step += 1
+                if cost.spent() is not None:  # the audit's budget ran out: return the guard's best so far
+                    break
                 if on_step is not None:
                     on_step(1)
                 if step % settings.eval_every == 0 or step == total:
