@@ -9,17 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cost, distributed
+from . import budget, cost, distributed
 from .config import Config
 from .detect import Verdict, detect
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .progress import progress
-from .recover import RecoveryResult, Screened, TriggerSet, attack_success, frozen, recover, recover_all
+from .recover import RecoveryResult, Screened, frozen, recover, recover_all
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
-from .unlearn.guard import clean_accuracy
-from .unlearn.rounds import erase_rounds, frozen_copy, nothing_to_erase
+from .unlearn.rounds import erase_rounds
 from .validate import Inputs, check_config, prepare
 
 Normalize = tuple[Any, Any] | None
@@ -52,7 +51,7 @@ def scan(
         the report holds the classes recovered so far, none flagged: no verdict.
     """
     start = time.perf_counter()
-    config = _check_budget(check_config(config))
+    config = budget.check_budget(check_config(config))
     if checkpoint is not None:
         config = config.replace(checkpoint_dir=os.fspath(checkpoint))
     with cost.budget(config.run.max_seconds, config.run.max_model_images):
@@ -92,7 +91,7 @@ def erase(
     start = time.perf_counter()
     if not isinstance(report, ScanReport):
         raise InputError(f"report must be the ScanReport returned by baerase.scan, got {type(report).__name__}")
-    config = _check_budget(check_config(config))
+    config = budget.check_budget(check_config(config))
     with cost.budget(config.run.max_seconds, config.run.max_model_images):
         inputs = prepare(model, images, labels, normalize, config, config.unlearning.guard_fraction)
         if report.num_classes != inputs.num_classes:
@@ -103,17 +102,17 @@ def erase(
             raise InputError(
                 "the report carries no recovered triggers; load it with ScanReport.load(dir) from a scan output"
             )
-        verifying: list[nn.Module] = []
+        verifying: list[nn.Module] = []  # each repaired model verified: the last is the guard's best so far
+        rerecover_on = budget.recording(lambda m, desc: _rerecover(inputs, m, desc), verifying)
         # erase_rounds is called from here: its warnings point at the caller of erase.
         with inputs.running(), cost.collected() as spent:
             try:
-                result = (
-                    erase_rounds(inputs, report, _recording(inputs, verifying))
-                    if report.flagged and report.cut_short is None
-                    else _nothing_erased(inputs, report)
-                )
+                if report.flagged and report.cut_short is None:
+                    result = erase_rounds(inputs, report, rerecover_on)
+                else:
+                    result = budget.nothing_erased(inputs, report)
             except cost.BudgetSpent as cut:
-                result = _cut_erase(inputs, report, verifying, cut.reason, spent)
+                result = budget.cut_erase(inputs, report, verifying, cut.reason, spent)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -128,7 +127,7 @@ def audit(
 ) -> tuple[ScanReport, EraseResult]:
     """``scan`` then ``erase``: returns (report, result). Both share one budget (``max_seconds``,
     ``max_model_images``); a scan cut short is not erased."""
-    config = _check_budget(check_config(config))
+    config = budget.check_budget(check_config(config))
     with cost.budget(config.run.max_seconds, config.run.max_model_images):
         report = scan(model, images, labels, normalize=normalize, config=config)
         return report, erase(model, images, labels, report, normalize=normalize, config=config)
@@ -188,19 +187,10 @@ def _store(inputs: Inputs, targets: list[int], stage: str) -> ChunkStore | None:
     return ChunkStore(folder, fingerprint)
 
 
-def _check_budget(config: Config) -> Config:
-    """``config``, refused when it sets a budget under torchrun: one rank stopping alone would leave the
-    others waiting for it."""
-    run = config.run
-    if (run.max_seconds is not None or run.max_model_images is not None) and distributed.enabled():
-        raise ConfigError("max_seconds and max_model_images are not supported under torchrun; unset them")
-    return config
-
-
 def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
     """Recovery, then confirmation, charged to ``spent``: (every class's recovery, the verdict, None),
     or when the budget runs out (the classes recovered so far, nothing flagged, why)."""
-    config, model, finished, screened = inputs.config, inputs.model, _Finished(), None
+    config, model, finished, screened = inputs.config, inputs.model, budget.Finished(), None
     try:
         with (
             cost.phase(spent, "recovery"),
@@ -223,110 +213,5 @@ def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screen
         return screened, verdict, None
     except cost.BudgetSpent as cut:
         screened = finished.screened(inputs) if screened is None else screened
-        verdict, suspects = _no_verdict(screened, config)
+        verdict, suspects = budget.no_verdict(screened, config)
         return screened, verdict, cut.reason + (f"; unconfirmed suspects: classes {suspects}" if suspects else "")
-
-
-def _no_verdict(screened: Screened, config: Config) -> tuple[Verdict, list[int]]:
-    """The anomaly indices of a scan cut short, with nothing flagged, and the classes that were
-    suspects before any confirmation."""
-    recovery = screened.recovery
-    if not recovery.targets:
-        empty = torch.zeros(0)
-        return Verdict(empty, empty.bool(), empty), []
-    first = detect(recovery, None, config.replace(confirmations=0), screened.reference, screened.recovered)
-    suspects = [recovery.targets[i] for i in torch.nonzero(first.flagged).flatten().tolist()]
-    return Verdict(first.index, torch.zeros_like(first.flagged), torch.full_like(first.index, float("nan"))), suspects
-
-
-class _Finished:
-    """The chunks a scan's full recoveries finished (computed or loaded from its checkpoint store),
-    kept so that a scan whose budget runs out still reports them."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[TriggerSet, torch.Tensor]] = []
-        self.store: ChunkStore | None = None
-
-    def wrap(self, stage: str, store: ChunkStore | None):
-        """The store recovery uses for ``stage``: the pre-screen's (its short recoveries judge nothing)
-        as it is, the full recoveries' through this record."""
-        if stage == "screen":
-            return store
-        self.store = store
-        return self
-
-    def load(self, targets: list[int]) -> tuple[TriggerSet, torch.Tensor] | None:
-        saved = self.store.load(targets) if self.store is not None else None
-        if saved is not None:
-            self.chunks.append(saved)
-        return saved
-
-    def save(self, triggers: TriggerSet, success: torch.Tensor) -> None:
-        self.chunks.append((triggers, success))
-        if self.store is not None:
-            self.store.save(triggers, success)
-
-    def screened(self, inputs: Inputs) -> Screened:
-        """The finished classes as a scan's recovery, in class order."""
-        chunks = sorted(self.chunks, key=lambda chunk: int(chunk[0].targets[0]))
-        if not chunks:
-            empty = torch.zeros(0)
-            return Screened(RecoveryResult([], None, empty, empty, empty.long()), None, None)
-        triggers = TriggerSet.concat([t.to(inputs.device) for t, _ in chunks])
-        success = torch.cat([s.detach().float().cpu() for _, s in chunks])
-        steps = torch.full((len(triggers),), inputs.config.recovery.steps, dtype=torch.long)
-        recovery = RecoveryResult(triggers.targets.tolist(), triggers, success, triggers.norms().detach().cpu(), steps)
-        return Screened(recovery, None, None)
-
-
-def _nothing_erased(inputs: Inputs, report: ScanReport) -> EraseResult:
-    """The result of erasing a report that flags nothing: clean, or (cut short) no verdict to act on."""
-    result = nothing_to_erase(inputs)
-    if report.cut_short is not None:
-        result.verified, result.changed = False, False
-        result.cut_short = f"the scan was cut short: {report.cut_short}"
-    return result
-
-
-def _recording(inputs: Inputs, verifying: list[nn.Module]):
-    """The re-recovery of a repaired model (see ``erase_rounds``), noting each model it verifies: the
-    last is the best checkpoint kept so far, should the budget run out."""
-
-    def rerecover_on(model: nn.Module, desc: str):
-        verifying.append(model)
-        return _rerecover(inputs, model, desc)
-
-    return rerecover_on
-
-
-def _cut_erase(
-    inputs: Inputs, report: ScanReport, verifying: list[nn.Module], reason: str, spent: cost.Cost
-) -> EraseResult:
-    """The result of an erase whose budget ran out: the last repaired model its guard kept (the
-    input's copy before any), unverified, measured on the held-out split as erase measures."""
-    original = inputs.model
-    repaired = frozen_copy(verifying[-1] if verifying else original)
-    flagged = report.triggers.targets.tolist()
-    triggers = report.triggers.to(inputs.device).select([flagged.index(t) for t in report.flagged])
-    x, y = inputs.held_out
-
-    def trigger_success(model: nn.Module) -> float:
-        return attack_success(triggers, model, x, y, inputs.mean, inputs.std).max().item()
-
-    return EraseResult(
-        model=repaired,
-        history=[],
-        erased=report.flagged,
-        verified=False,
-        evidence=[],
-        accuracy_before=clean_accuracy(original, x, y, inputs.mean, inputs.std),
-        accuracy_after=clean_accuracy(repaired, x, y, inputs.mean, inputs.std),
-        trigger_asr_before=trigger_success(original),
-        trigger_asr_after=trigger_success(repaired),
-        rounds=len(verifying),
-        seconds=0.0,
-        num_classes=inputs.num_classes,
-        changed=sha256_model(repaired) != sha256_model(original),
-        cost=spent,
-        cut_short=reason,
-    )
