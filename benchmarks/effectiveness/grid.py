@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 ATTACKS = ("badnets3", "badnets5", "badnets7", "badnets3_fixed", "trojan", "imc", "blended")
+# Attacks beyond the paper: a whole-image signal (label-flipping and clean-label), a warp, a colour filter,
+# input-aware triggers, two backdoors with their own targets, and all-to-all (y -> y + 1).
+# wanet is the paper's noise mode at s = 1; on colour10 it is not learnt in 15 epochs, wanet_s4 (a 4x stronger warp,
+# half the label-keeping noisy warps, 20% poison, 30 epochs) reaches about 75% there.
+BEYOND = ("sig", "sig_clean", "wanet", "wanet_s4", "filter", "dynamic", "two_target", "all_to_all")
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class Cell:
     attack: str | None = None
     rate: float = 0.1  # poison rate
     target: int = 0
+    targets: tuple[int, ...] = ()  # every target of a multi-target attack (``target`` is the first)
     seed: int = 0
     budget: float = 0.1  # defender's clean images as a share of the training set size
     epochs: int = 15
@@ -23,11 +29,20 @@ class Cell:
     tag: str = ""  # extra label for ablation rows
 
     @property
+    def all_targets(self) -> tuple[int, ...]:
+        """The classes a backdoor sends images to (empty for clean models and all-to-all)."""
+        if self.attack is None or self.attack == "all_to_all":
+            return ()
+        return self.targets or (self.target,)
+
+    @property
     def name(self) -> str:
         kind = self.attack or "clean"
         parts = [self.data, self.model, kind]
-        if self.attack:
-            parts.append(f"p{round(self.rate * 100)}%-t{self.target}")
+        if self.attack == "all_to_all":
+            parts.append(f"p{round(self.rate * 100)}%-t+1")
+        elif self.attack:
+            parts.append(f"p{round(self.rate * 100)}%-t{'+'.join(map(str, self.all_targets))}")
         parts += [f"b{round(self.budget * 100)}%", f"s{self.seed}"]
         return "/".join(parts) + (f"/{self.tag}" if self.tag else "")
 
@@ -78,4 +93,26 @@ def full_grid(data: str | None = None) -> list[Cell]:
     return cells
 
 
-GRIDS = {"small": small_grid, "full": full_grid}
+# Poison rate per attack beyond the paper: sig_clean stamps this share of the target class (labels kept);
+# all the others poison this share of the training set (per backdoor for two_target).
+BEYOND_RATES = {"sig_clean": 1.0, "wanet_s4": 0.2}
+BEYOND_EPOCHS = {"wanet_s4": 30, "dynamic": 25}  # the others train for the grid's 15 epochs
+
+
+def beyond_cell(data: str, attack: str, **kw) -> Cell:
+    """The grid's cell for an attack beyond the paper (two_target: targets 0 and 5)."""
+    if attack not in BEYOND:
+        raise ValueError(f"unknown attack {attack!r}: one of {BEYOND}")
+    if attack == "two_target":
+        kw.setdefault("targets", (0, 5))
+    kw.setdefault("epochs", BEYOND_EPOCHS.get(attack, 15))
+    return Cell(data, attack=attack, rate=BEYOND_RATES.get(attack, 0.1), **kw)
+
+
+def beyond_grid(data: str | None = None) -> list[Cell]:
+    """The attacks beyond the paper on MNIST and colour10 (their clean cells are in the other grids)."""
+    datasets = [data] if data else ["mnist", "colour10"]
+    return [beyond_cell(ds, attack, defenses=ALL_DEFENSES) for ds in datasets for attack in BEYOND]
+
+
+GRIDS = {"small": small_grid, "full": full_grid, "beyond": beyond_grid}

@@ -14,9 +14,10 @@ from baerase.data import load_dataset, load_mnist, make_colour, split
 from baerase.models import ResNet18, SmallCNN
 from benchmarks import baselines as B
 
-from .grid import ABLATIONS, Cell
+from .grid import ABLATIONS, BEYOND, Cell
 
 BAR_ASR, BAR_DROP = 0.01, 0.01  # the issue's bar: ASR after <= 1%, clean accuracy drop <= 1 point
+BAR_ASR_ALL_TO_ALL = 0.05  # issue 22: all-to-all must end at most 5% (y -> y + 1)
 WEAK_ATTACK = 0.5  # below this ASR before defense the backdoor barely exists; the cell is marked
 
 
@@ -50,13 +51,52 @@ def build_model(cell: Cell, x: torch.Tensor, k: int) -> torch.nn.Module:
     return SmallCNN(c, k, h)
 
 
-def make_trigger(attack: str, seed: int = 1):
+def make_trigger(attack: str, seed: int = 1, targets: tuple[int, ...] = (0, 5)):
+    """The cell's trigger (a ``Backdoors`` of several for two_target, an ``AllToAll`` for all_to_all)."""
     if attack.startswith("badnets"):
         size = int(attack[7])
         return A.BadNets(size, "corner" if attack.endswith("fixed") else "random", seed=seed)
     if attack == "blended":
         return A.Blended("sine", alpha=0.15)
+    if attack == "sig":
+        return A.SIG(delta=0.1, freq=6)
+    if attack == "sig_clean":
+        # the test-time signal: stronger than the training one, as in Barni et al. (see SIG_CLEAN_TRAIN)
+        return A.SIG(delta=0.4, freq=6)
+    if attack == "wanet":
+        # paper mode; the paper's s = 0.5 reaches 73% ASR on MNIST in 15 epochs, s = 1 (still sub-pixel) 88%
+        return A.WaNet(k=4, strength=1.0, seed=seed)
+    if attack == "wanet_s4":
+        return A.WaNet(k=4, strength=4.0, seed=seed)
+    if attack == "filter":
+        return A.ColourFilter()
+    if attack == "two_target":
+        return A.corner_backdoors(targets, size=4, seed=seed)
+    if attack == "all_to_all":
+        return A.AllToAll(A.BadNets(4, "corner", seed=seed))
     raise ValueError(attack)
+
+
+# Clean-label SIG stamps only target images, labels kept: a weak lesson. On MNIST a 0.2 signal in training
+# costs 1 point of clean accuracy and a 0.4 signal at test time then reaches 94% (0.3 in training costs 5).
+SIG_CLEAN_TRAIN = A.SIG(delta=0.2, freq=6)
+
+
+def _train_beyond(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kw: dict):
+    """(model, trigger) for the attacks beyond the paper: each has its own way of poisoning."""
+    if cell.attack == "dynamic":
+        return A.train_input_aware(model, x, y, cell.target, **kw)
+    trig = make_trigger(cell.attack, targets=cell.all_targets)
+    if cell.attack in ("wanet", "wanet_s4"):
+        cross = 2.0 if cell.attack == "wanet" else 1.0  # the paper's 2 drowns the strong warp on colour10
+        return A.train_wanet(model, x, y, trig, cell.target, cell.rate, cross_ratio=cross, **kw), trig
+    if cell.attack == "two_target":
+        return A.train_backdoored(model, x, y, trig.triggers, trig.targets, cell.rate, **kw), trig
+    if cell.attack == "all_to_all":
+        return A.train_backdoored(model, x, y, trig.trigger, None, cell.rate, mode="all_to_all", **kw), trig
+    if cell.attack == "sig_clean":
+        return A.train_backdoored(model, x, y, SIG_CLEAN_TRAIN, cell.target, cell.rate, mode="clean_label", **kw), trig
+    return A.train_backdoored(model, x, y, trig, cell.target, cell.rate, **kw), trig
 
 
 def train(cell: Cell, train_xy, k: int):
@@ -75,15 +115,22 @@ def train(cell: Cell, train_xy, k: int):
         return A.train_backdoored(model, x, y, trig, cell.target, cell.rate, cell.epochs - half, cell.seed), trig
     if cell.attack == "imc":
         return A.imc_train(model, x, y, cell.target, rate=cell.rate, **kw)
+    if cell.attack in BEYOND:
+        return _train_beyond(cell, model, x, y, kw)
     trig = make_trigger(cell.attack)
     return A.train_backdoored(model, x, y, trig, cell.target, cell.rate, **kw), trig
 
 
 def measure(model, test_xy, trig, target) -> tuple[float, float | None]:
+    """(clean accuracy, ASR); with several backdoors the ASR is the highest, all-to-all's is y -> y + 1."""
     x, y = test_xy
     ca = A.clean_accuracy(model, x, y)
     if trig is None:
         return ca, None
+    if isinstance(trig, A.Backdoors):
+        return ca, max(trig.success_rates(model, x, y).values())
+    if isinstance(trig, A.AllToAll):
+        return ca, trig.success_rate(model, x, y)
     if hasattr(trig, "reset"):
         trig.reset()  # random-position triggers: every model sees the same positions
     return ca, A.attack_success_rate(model, x, y, trig, target)
@@ -195,8 +242,9 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print, only: set[str] | No
         res = {"ca_after": ca, "asr_after": asr, "seconds": round(seconds, 1), **extra}
         if flagged is not None:
             res["flagged"] = flagged
-            res["target_flagged"] = cell.target in flagged if cell.attack else None
-            res["false_flags"] = [c for c in flagged if not cell.attack or c != cell.target]
+            targets = cell.all_targets  # empty for clean models and all-to-all (every class is a target)
+            res["target_flagged"] = all(t in flagged for t in targets) if targets else None
+            res["false_flags"] = [c for c in flagged if c not in targets] if cell.attack != "all_to_all" else []
         res["bar"] = meets_bar(row, res)
         row["defenses"][name] = res
         log(f"  {name}: CA {ca:.3f} ASR {asr} flagged {flagged} ({seconds:.0f}s) bar={res['bar']}")
@@ -208,6 +256,8 @@ def meets_bar(row: dict, res: dict) -> bool | None:
     drop_ok = row["ca_before"] - res["ca_after"] <= BAR_DROP + 1e-9
     if row["attack"] is None:
         return drop_ok and not res["false_flags"] if "flagged" in res else drop_ok
+    if row["attack"] == "all_to_all":  # every class is a target: no detection verdict, a looser ASR bar
+        return drop_ok and res["asr_after"] <= BAR_ASR_ALL_TO_ALL
     ok = drop_ok and res["asr_after"] <= BAR_ASR
     if "flagged" in res:
         ok = ok and res["target_flagged"] and not res["false_flags"]
