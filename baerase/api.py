@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from .config import Config
 from .detect import Verdict, detect
 from .errors import InputError
 from .progress import progress
-from .recover import RecoveryResult, Screened, frozen, recover, recover_all
+from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, warp
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
@@ -62,7 +63,7 @@ def scan(
         distributed.check_ranks(model, inputs.images, inputs.labels, inputs.device)
         spent = cost.Cost()
         with inputs.running() as backends, frozen(model):
-            screened, verdict, reason = _judge(inputs, targets, spent)
+            inputs, screened, verdict, reason = _judge_families(inputs, targets, spent)
     report = ScanReport.of_scan(inputs, screened, verdict, spent, backends, time.perf_counter() - start)
     report.cut_short = reason
     return report
@@ -92,6 +93,8 @@ def erase(
     if not isinstance(report, ScanReport):
         raise InputError(f"report must be the ScanReport returned by baerase.scan, got {type(report).__name__}")
     config = budget.check_budget(check_config(config))
+    if report.family != config.recovery.family:  # verification re-recovers triggers of the report's family
+        config = config.replace(family=report.family)
     with cost.budget(config.run.max_seconds, config.run.max_model_images):
         inputs = prepare(model, images, labels, normalize, config, config.unlearning.guard_fraction)
         if report.num_classes != inputs.num_classes:
@@ -187,6 +190,47 @@ def _store(inputs: Inputs, targets: list[int], stage: str) -> ChunkStore | None:
     return ChunkStore(folder, fingerprint)
 
 
+def _judge_families(
+    inputs: Inputs, targets: list[int], spent: cost.Cost
+) -> tuple[Inputs, Screened, Verdict, str | None]:
+    """``_judge`` with the configured family and, when the mask family flags nothing, with each of
+    ``config.recovery.fallback`` in turn: the first family that flags gives the verdict (and the
+    inputs whose config names it); otherwise the mask family's evidence stands."""
+    first = _judge(inputs, targets, spent)
+    if inputs.config.recovery.family != "mask" or first[1].flagged.any() or first[2] is not None:
+        return inputs, *first
+    for family in inputs.config.recovery.fallback:
+        other = dataclasses.replace(inputs, config=inputs.config.replace(family=family))
+        screened, verdict, reason = _judge(other, targets, spent)
+        if reason is not None:  # cut short before this family could answer: no verdict
+            return inputs, first[0], first[1], reason
+        if verdict.flagged.any() and family == "warp":
+            with cost.phase(spent, "confirmation"):
+                verdict = _specific_warps(other, screened, verdict)
+        if verdict.flagged.any():
+            return other, screened, verdict, None
+    return inputs, *first
+
+
+def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
+    """``verdict`` keeping only the warps that reach their class far more often than random smooth
+    warps of their size (``detection.min_warp_lift``): a backdoor answers one warp, a class that is
+    merely easy to reach answers any."""
+    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
+    if screened.recovery.triggers is not None:  # under torchrun only rank 0 holds them: it decides for all
+        warps = screened.recovery.triggers.select(flagged)
+        x, y = inputs.held_out
+        gain = warp.lift(warps, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
+        keep[flagged] = gain.cpu() >= inputs.config.detection.min_warp_lift
+    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+
+
+def _stage(config: Config, stage: str) -> str:
+    """A recovery stage's checkpoint name: a fallback family's chunks are kept apart from the mask family's."""
+    family = config.recovery.family
+    return stage if family == "mask" else f"{family}-{stage}"
+
+
 def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
     """Recovery, then confirmation, charged to ``spent``: (every class's recovery, the verdict, None),
     or when the budget runs out (the classes recovered so far, nothing flagged, why)."""
@@ -194,7 +238,9 @@ def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screen
     try:
         with (
             cost.phase(spent, "recovery"),
-            progress(planned_steps(config, len(targets)), "baerase recovery", config.run.progress) as bar,
+            progress(
+                planned_steps(config, len(targets)), f"baerase recovery ({config.recovery.family})", config.run.progress
+            ) as bar,
         ):
             screened = recover_all(
                 model,
@@ -205,7 +251,7 @@ def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screen
                 inputs.mean,
                 inputs.std,
                 on_step=bar.update,
-                store_for=lambda stage: finished.wrap(stage, _store(inputs, targets, stage)),
+                store_for=lambda stage: finished.wrap(stage, _store(inputs, targets, _stage(config, stage))),
             )
         with cost.phase(spent, "confirmation"):
             rerecover = _rerecover(inputs, model, "baerase confirm")

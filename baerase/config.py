@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
-FAMILIES = ("mask", "patch")
+FAMILIES = ("mask", "patch", "warp")
 BACKENDS = (None, "auto", "triton", "cpp", "ref")
 
 
@@ -80,6 +80,12 @@ class Recovery:
     prescreen_keep: int = 10
     prescreen_share: float = 0.025
     reference_sample: int = 16
+    # A whole-image transformation (a warp) has no small mask: when the mask family flags nothing, each
+    # of these families is recovered in turn and the first that flags a class gives the verdict.
+    fallback: tuple[str, ...] = ("warp",)
+    warp_grid: int = 4  # control points per side of a warp's displacement field
+    warp_max_shift: float = 3.0  # the largest displacement a warp may reach, in pixels
+    warp_lr: float = 0.05  # Adam step size of the warps' control points
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -98,13 +104,16 @@ class Recovery:
                 "prescreen_steps",
                 "prescreen_batch",
                 "prescreen_keep",
+                "warp_grid",
             ),
         )
         if not isinstance(self.reference_sample, int) or self.reference_sample < 3:
             raise ConfigError(f"reference_sample must be an integer >= 3, got {self.reference_sample!r}")
+        if not set(self.fallback) <= set(FAMILIES) - {"mask"}:
+            raise ConfigError(f"fallback must name families other than 'mask' ({FAMILIES}), got {self.fallback!r}")
         if self.latent_dim < 4:
             raise ConfigError("latent_dim must be at least 4 (it is split over the generator's 4 layers)")
-        _in_range(self, ("lr", "mask_lr"), 0, float("inf"), open_low=True)
+        _in_range(self, ("lr", "mask_lr", "warp_lr", "warp_max_shift"), 0, float("inf"), open_low=True)
         _in_range(self, ("alpha", "noise_std", "mask_cost"), 0, float("inf"))
         _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
@@ -134,10 +143,14 @@ class Detection:
     # A repaired class's boundary stays easier to reach: re-scans of a sine blend erased to 0.2% and a
     # BadNets model erased to 0.56% find triggers 4-6x smaller than the median (one left in place: 10-100x).
     verify_shrink: float = 6.0
+    # Warp family: a flagged warp must flip this much larger a share of held-out images than random smooth
+    # warps of its size (a clean colour class reached by a 0.8 px warp is reached as often by random ones).
+    min_warp_lift: float = 0.5
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
         _in_range(self, ("min_attack_success",), 0, 1, open_low=True)
+        _in_range(self, ("min_warp_lift",), 0, 1)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("min_trigger_shrink", "verify_shrink"), 1, float("inf"))
         if not isinstance(self.confirmations, int) or self.confirmations < 0:

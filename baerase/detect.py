@@ -87,8 +87,8 @@ def score_values(norms: torch.Tensor, success: torch.Tensor, side: str) -> torch
 
 
 def side_of(family: str) -> str:
-    """Which side of the median is suspicious: small masks, or (patch family) high success."""
-    return "low" if family == "mask" else "high"
+    """Which side of the median is suspicious: small masks and warps, or (patch family) high success."""
+    return "high" if family == "patch" else "low"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import InputError
+from .recover import families
 from .recover.triggers import TriggerSet
 
 
@@ -85,9 +86,18 @@ def gather(
     norms = torch.cat([everyone[r]["norms"][a:b] for r, a, b in rows]).to(device)
     if rank != 0:
         return None, success, norms
-    sets = {r: TriggerSet.from_state(*states[r]) for r in range(world) if states[r] is not None}
+    sets = {r: families.from_state(*states[r]) for r in range(world) if states[r] is not None}
     pieces = [sets[r].select(list(range(a, b))) for r, a, b in rows]
-    return TriggerSet.concat(pieces).to(device), success, norms
+    return families.concat(pieces).to(device), success, norms
+
+
+def from_rank0(value):
+    """``value`` as rank 0 holds it, on every rank (itself outside torchrun): one verdict for all."""
+    if not enabled():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_values(

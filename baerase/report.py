@@ -18,7 +18,7 @@ from torch import nn
 from . import rng
 from .cost import Cost
 from .errors import DivergenceError, InputError
-from .recover import TriggerSet
+from .recover import TriggerSet, families
 from .report_html import write_html
 
 # The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``.
@@ -136,7 +136,7 @@ class ScanReport:
             )
             for t, s, n, a, f, c, r, whole in columns
         ]
-        stamp_op = "trigger_apply" if cfg.recovery.family == "mask" else "patch_apply"
+        stamp_op = "patch_apply" if cfg.recovery.family == "patch" else "trigger_apply"
         return ScanReport(
             classes=classes,
             num_classes=inputs.num_classes,
@@ -165,7 +165,7 @@ class ScanReport:
             from safetensors.torch import load_file
 
             meta = json.loads((directory / "triggers.json").read_text())
-            triggers = TriggerSet.from_state(meta, load_file(str(directory / "triggers.safetensors")))
+            triggers = families.from_state(meta, load_file(str(directory / "triggers.safetensors")))
         return ScanReport(
             classes=classes,
             num_classes=scan["num_classes"],
@@ -310,6 +310,9 @@ def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> N
                 scale,
             )
             _png(g[i, 0].view(c, h, w).cpu().numpy(), folder / f"class_{target}_pattern.png", scale)
+        elif triggers.family == "warp":
+            shift = triggers.displacement()[i : i + 1] / triggers.meta["max_shift"]
+            _png(shift.detach().cpu().numpy(), folder / f"class_{target}_displacement.png", scale)
         else:
             p = triggers.meta["patch_size"]
             _png(g[i, 0].view(c, p, p).cpu().numpy(), folder / f"class_{target}_patch.png", scale * 4)

@@ -23,7 +23,7 @@ def test_many_classes_get_a_short_recovery_and_only_the_chosen_a_full_one():
     config = baerase.Config(
         prescreen_above=4, prescreen_steps=3, prescreen_batch=2, prescreen_keep=2, reference_sample=3, **FAST
     )
-    report = baerase.scan(tiny_model(num_classes=K), images, labels, config=config)
+    report = baerase.scan(tiny_model(num_classes=K), images, labels, config=config.replace(fallback=()))
     full = [c for c in report.classes if not c.screened_out]
     assert len(report.classes) == K and len(full) == 2 + 3
     assert all(c.steps == 3 and not c.flagged for c in report.classes if c.screened_out)

@@ -1,9 +1,11 @@
 """Trigger recovery: stacked generators, the MINE entropy estimator and trigger families."""
 
+from . import families
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
 from .recovery import RecoveryResult, attack_success, frozen, recover
 from .screen import Screened, recover_all
 from .triggers import TriggerSet
+from .warp import WarpSet
 
 __all__ = [
     "RecoveryResult",
@@ -11,7 +13,9 @@ __all__ = [
     "StatisticsNetwork",
     "TriggerGenerator",
     "TriggerSet",
+    "WarpSet",
     "attack_success",
+    "families",
     "frozen",
     "mine_estimate",
     "recover",

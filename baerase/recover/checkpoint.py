@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from . import families
 from .triggers import TriggerSet
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ChunkStore:
                 meta = json.loads(handle.metadata()["meta"])
             tensors = load_file(str(path))
             success = tensors.pop("attack_success")
-            triggers = TriggerSet.from_state(meta, tensors)
+            triggers = families.from_state(meta, tensors)
         except Exception as exc:
             # Atomic writes make this unexpected (e.g. a disk fault); recomputing is always safe.
             log.warning("ignoring unreadable checkpoint %s (%s); recomputing that chunk", path, exc)

@@ -17,6 +17,7 @@ from torch import nn
 from .. import cost, ops, rng
 from ..config import Config
 from ..errors import DivergenceError
+from . import families, warp
 from .generator import mine_estimate
 from .memory import plan_chunk_size, trigger_bytes
 from .triggers import TriggerSet
@@ -159,7 +160,7 @@ def recover(
     success, ran, norms = (
         torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, device=device) for i in (1, 2, 3)
     )
-    triggers = TriggerSet.concat([p[0] for p in parts]) if parts and keep_triggers else None
+    triggers = families.concat([p[0] for p in parts]) if parts and keep_triggers else None
     if sharded:
         if keep_triggers:
             triggers = distributed.gather(chunks, mine, triggers, success, device)[0]
@@ -192,7 +193,12 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
         triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
         return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
     rng.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
-    triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
+    if config.recovery.family == "warp":
+        tracker = _MaskCostTracker(len(piece), config, fit[0].device)
+        args = (forward, *fit, piece, config, mean, std, steps, on_step, enough, tracker)
+        triggers, ran, reach = warp.recover_chunk(*args)
+    else:
+        triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
     success = reach if val is None else attack_success(triggers, forward, *val, mean, std)
     if store is not None:
         store.save(triggers, success)
@@ -265,7 +271,9 @@ def _recover_chunk(
     return triggers, budget.ran.cpu(), budget.reach / budget.ran.clamp(min=1)
 
 
-def _new_triggers(targets, images, config, device) -> TriggerSet:
+def _new_triggers(targets, images, config, device) -> TriggerSet | warp.WarpSet:
+    if config.recovery.family == "warp":
+        return warp.new_warps(targets, images, config, device)
     return TriggerSet(
         targets,
         tuple(images.shape[1:]),

@@ -12,7 +12,7 @@ from torch import nn
 from .. import cost
 from ..detect import score_values, side_of, verify
 from ..progress import progress
-from ..recover import TriggerSet, frozen
+from ..recover import families, frozen
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
@@ -65,7 +65,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
             )
         if not still.any():
             break
-        triggers = TriggerSet.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
+        triggers = families.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
     return _result(inputs, flagged, outcomes, history, evidence, bool(still.any()), spent)
 
 

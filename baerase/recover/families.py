@@ -1,0 +1,20 @@
+"""The trigger families and what builds each: one place that knows them all."""
+
+from __future__ import annotations
+
+import torch
+
+from .triggers import TriggerSet
+from .warp import WarpSet
+
+Triggers = TriggerSet | WarpSet
+
+
+def from_state(meta: dict, state: dict[str, torch.Tensor]) -> Triggers:
+    """Rebuild a saved trigger set of any family from (meta, state_dict)."""
+    return (WarpSet if meta.get("family") == "warp" else TriggerSet).from_state(meta, state)
+
+
+def concat(parts: list[Triggers]) -> Triggers:
+    """Stack trigger sets of one family."""
+    return type(parts[0]).concat(parts)

@@ -1,0 +1,204 @@
+"""The warp trigger family: one smooth displacement field per candidate class.
+
+A backdoor keyed to a geometric transformation (WaNet's fixed warp) has no small mask to find, but
+it does have a small warp: the target class is reached by moving pixels a fraction of a pixel,
+where every clean class needs several. The field is ``grid x grid`` control points, bicubically
+upsampled to the image and applied with ``grid_sample``; its mass is the mean displacement in
+pixels, the statistic detection compares across classes as it compares mask masses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import cost, ops, rng
+from ..ops.reference import normalize_images
+
+
+class WarpSet(nn.Module):
+    """One warp per candidate class, stacked along dim 0. Displacements are ``max_shift * tanh``
+    of learned control points, in pixels. A warp is deterministic: a backdoor trained against
+    WaNet's noise mode answers only its own warp, so a jittered copy of a sub-pixel warp proves nothing."""
+
+    def __init__(
+        self,
+        targets: list[int],
+        image_shape: tuple[int, int, int],
+        *,
+        family: str = "warp",
+        grid: int = 4,
+        max_shift: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.meta = {
+            "image_shape": list(image_shape),
+            "family": family,
+            "grid": grid,
+            "max_shift": max_shift,
+        }
+        self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
+        self.flow_logits = nn.Parameter(torch.zeros(len(targets), 2, grid, grid))
+        # Whether a warp within max_shift ever worked: one that never did is at least that large.
+        self.register_buffer("found", torch.ones(len(targets), dtype=torch.bool))
+
+    @property
+    def family(self) -> str:
+        return "warp"
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def control_points(self) -> torch.Tensor:
+        """Displacements at the control points, in pixels [K, 2, grid, grid] (x then y)."""
+        return self.meta["max_shift"] * torch.tanh(self.flow_logits)
+
+    def sample(self, n: int, noise_std: float = 0.0) -> tuple[None, torch.Tensor]:
+        """n copies of each class's warp, as the mask family's samples: (None, control points
+        [K, n, 2, grid, grid]). ``noise_std`` is the mask family's pattern noise; a warp has none."""
+        return None, self.control_points().unsqueeze(1).expand(-1, n, -1, -1, -1)
+
+    def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, **_) -> torch.Tensor:
+        """Warp x [B, C, H, W] by each class's control points g [K, B, 2, grid, grid] -> normalised
+        [K, B, C, H, W]. A warp has no position: the mask family's ``shift``/``spread`` do not apply."""
+        k, b = g.shape[:2]
+        h, w = x.shape[-2:]
+        field = F.interpolate(g.flatten(0, 1), size=(h, w), mode="bicubic", align_corners=True)
+        scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device).view(1, 2, 1, 1)
+        sample_at = _identity(h, w, x.device) + (field * scale).permute(0, 2, 3, 1)
+        warped = F.grid_sample(
+            x.repeat(k, 1, 1, 1), sample_at, mode="bilinear", padding_mode="border", align_corners=True
+        )
+        return normalize_images(warped, mean, std).view(k, b, *x.shape[1:])
+
+    def displacement(self) -> torch.Tensor:
+        """How far each pixel moves, per class [K, H, W], in pixels."""
+        h, w = self.meta["image_shape"][1:]
+        return F.interpolate(self.control_points(), size=(h, w), mode="bicubic", align_corners=True).norm(dim=1)
+
+    def norms(self) -> torch.Tensor:
+        """Mean displacement per class [K], in pixels; ``max_shift`` for a class no warp reached."""
+        limit = torch.full_like(self.found, self.meta["max_shift"], dtype=torch.float32)
+        return torch.where(self.found, self.displacement().mean((1, 2)), limit)
+
+    def select(self, index: list[int] | torch.Tensor) -> WarpSet:
+        """A new WarpSet holding only the classes at positions ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.targets.device)
+        picked = WarpSet(self.targets[index].tolist(), tuple(self.meta["image_shape"]), **_kwargs(self.meta))
+        picked.load_state_dict({k: v[index].clone() for k, v in self.state_dict().items()})
+        return picked.to(self.targets.device)
+
+    @staticmethod
+    def concat(parts: list[WarpSet]) -> WarpSet:
+        """Stack several WarpSets (same shapes) into one."""
+        first = parts[0]
+        targets = [t for part in parts for t in part.targets.tolist()]
+        joined = WarpSet(targets, tuple(first.meta["image_shape"]), **_kwargs(first.meta))
+        states = [part.state_dict() for part in parts]
+        joined.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
+        return joined.to(first.targets.device)
+
+    @staticmethod
+    def from_state(meta: dict, state: dict[str, torch.Tensor]) -> WarpSet:
+        """Rebuild a WarpSet saved as (meta, state_dict)."""
+        warps = WarpSet(state["targets"].tolist(), tuple(meta["image_shape"]), **_kwargs(meta))
+        warps.load_state_dict(state)
+        return warps
+
+
+def lift(warps: WarpSet, success_of, draws: int = 4) -> torch.Tensor:
+    """How much more often each class's warp reaches its class than random smooth warps of the same
+    mean displacement do [K]: a class that any small warp reaches (a blurred or bent digit) has no
+    backdoor. ``success_of(warps) -> [K]`` scores a WarpSet on held-out images."""
+    own = success_of(warps)
+    chance = torch.zeros_like(own)
+    for _ in range(draws):
+        chance += success_of(_random_like(warps)) / draws
+    return own - chance
+
+
+def _random_like(warps: WarpSet) -> WarpSet:
+    """Random smooth warps with each class's mean displacement."""
+    device, limit = warps.targets.device, warps.meta["max_shift"]
+    points = torch.randn(warps.flow_logits.shape, device=device, generator=rng.generator(device))
+    random = WarpSet(warps.targets.tolist(), tuple(warps.meta["image_shape"]), **_kwargs(warps.meta)).to(device)
+    with torch.no_grad():
+        random.flow_logits.copy_(torch.atanh((points / points.abs().amax()).clamp(-0.999, 0.999)))
+        for _ in range(3):  # tanh bends the scale a little: a few rescalings settle it
+            ratio = (warps.norms() / random.displacement().mean((1, 2)).clamp(min=1e-6)).view(-1, 1, 1, 1)
+            scaled = (random.control_points() * ratio / limit).clamp(-0.999, 0.999)
+            random.flow_logits.copy_(torch.atanh(scaled))
+    return random
+
+
+def new_warps(targets: list[int], images: torch.Tensor, config, device: torch.device) -> WarpSet:
+    r = config.recovery
+    return WarpSet(targets, tuple(images.shape[1:]), grid=r.warp_grid, max_shift=r.warp_max_shift).to(device)
+
+
+def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step, enough, tracker):
+    """Fit one chunk's warps: (WarpSet holding, per class, the smallest warp that flipped
+    ``success_threshold`` of a batch (else the last), steps each class ran [k], mean clipped target
+    probability [k]). ``tracker``: the adaptive mass cost (see ``recovery._MaskCostTracker``)."""
+    device, r = images.device, config.recovery
+    warps = new_warps(targets, images, config, device)
+    optimizer = torch.optim.Adam([warps.flow_logits], lr=r.warp_lr, betas=r.betas)
+    best = warps.flow_logits.detach().clone()
+    stopped = torch.zeros(len(warps), dtype=torch.bool, device=device)
+    ran, reach = torch.zeros(len(warps), dtype=torch.long, device=device), torch.zeros(len(warps), device=device)
+    for step in range(steps):
+        if enough is not None and step and step % 10 == 0:
+            stopped |= enough(tracker.best_norm).to(device)
+        if bool(stopped.all()):
+            break
+        active = ~stopped
+        loss, success, attack = _step(forward, images, labels, warps, active, config, mean, std)
+        with torch.no_grad():
+            improved = tracker.update(success, warps.displacement().mean((1, 2)))
+            best = torch.where(improved.view(-1, 1, 1, 1), warps.flow_logits.detach(), best)
+            ran += active
+            reach += attack * active
+        optimizer.zero_grad(set_to_none=True)
+        (loss + (tracker.cost * warps.displacement().mean((1, 2)) * active).sum()).backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(int(active.sum()))
+    if on_step is not None:
+        on_step(int((steps - ran).sum()))
+    with torch.no_grad():
+        warps.flow_logits.copy_(torch.where(tracker.found_any.view(-1, 1, 1, 1), best, warps.flow_logits))
+        warps.found.copy_(tracker.found_any)
+    return warps, ran.cpu(), reach / ran.clamp(min=1)
+
+
+def _step(forward, images, labels, warps, active, config, mean, std):
+    """(summed clipped-hinge loss of the active classes, batch success [k], clipped target probability [k])."""
+    k, b = len(warps), config.recovery.batch_size
+    batch = torch.randint(0, len(labels), (b,), device=images.device, generator=rng.generator(images.device))
+    x, y = images[batch], labels[batch]
+    weight = (y.unsqueeze(0) != warps.targets.unsqueeze(1)).float() * active.unsqueeze(1)
+    _, points = warps.sample(b)
+    stamped = warps.stamp(x, points[active], mean, std).flatten(0, 1)
+    rows = warps.targets[active].repeat_interleave(b)
+    logits = cost.forward(forward, stamped)
+    hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
+    full = torch.zeros(k, b, device=images.device)
+    full[active] = hinge.view(-1, b)
+    attack = (full * weight).sum(1) / weight.sum(1).clamp(min=1)
+    with torch.no_grad():
+        flipped = torch.zeros(k, b, device=images.device)
+        flipped[active] = (logits.argmax(1) == rows).float().view(-1, b)
+        success = (flipped * weight).sum(1) / weight.sum(1).clamp(min=1)
+    return -attack.sum(), success, attack.detach()
+
+
+def _identity(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """``grid_sample``'s identity sampling grid [1, H, W, 2] (x, y in [-1, 1])."""
+    ys, xs = torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((grid_x, grid_y), -1).unsqueeze(0)
+
+
+def _kwargs(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in ("image_shape", "family")}

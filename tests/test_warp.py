@@ -1,0 +1,98 @@
+"""The warp trigger family: stamping, saving, recovery through the one driver, and the lift test."""
+
+import pytest
+import torch
+from torch import nn
+
+import baerase
+from baerase import cost
+from baerase.errors import ConfigError
+from baerase.recover import WarpSet, attack_success, families, recover, warp
+
+
+class ShiftDetector(nn.Module):
+    """Class 1 when the image's brightness centroid lies over 1.5 pixels right of the centre, else class 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        cols = torch.arange(w, dtype=x.dtype) - (w - 1) / 2
+        columns = x.sum((1, 2))
+        centroid = (columns * cols).sum(1) / columns.sum(1).clamp(min=1e-6)
+        right = 4 * (centroid - 1.5)
+        return torch.stack((torch.zeros_like(right), right), 1)
+
+
+def blobs(n: int, side: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    centre = (side - 1) / 2 + torch.rand(n, 2, generator=g) * 2 - 1
+    d2 = (ys - centre[:, 0, None, None]) ** 2 + (xs - centre[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / 4).unsqueeze(1), torch.zeros(n, dtype=torch.long)
+
+
+def with_points(points: torch.Tensor, side: int = 12) -> WarpSet:
+    warps = WarpSet(list(range(len(points))), (1, side, side), max_shift=3.0)
+    with torch.no_grad():
+        warps.flow_logits.copy_(torch.atanh(points / 3.0))
+    return warps
+
+
+def test_a_zero_warp_is_the_identity_and_a_constant_one_shifts():
+    x, _ = blobs(3)
+    shift = torch.zeros(2, 2, 4, 4)
+    shift[1, 0] = 1.0  # sample one pixel to the right: the content moves left
+    warps = with_points(shift)
+    _, g = warps.sample(len(x))
+    out = warps.stamp(x, g)
+    assert out.shape == (2, 3, 1, 12, 12)
+    assert torch.allclose(out[0], x, atol=1e-5)
+    assert torch.allclose(out[1][..., :-1], x[..., 1:], atol=1e-5)
+    assert torch.allclose(warps.norms(), torch.tensor([0.0, 1.0]), atol=1e-5)
+
+
+def test_warps_are_selected_stacked_and_rebuilt_from_their_state():
+    warps = with_points(torch.rand(3, 2, 4, 4) - 0.5)
+    picked = warps.select([2, 0])
+    assert picked.targets.tolist() == [2, 0]
+    assert torch.equal(picked.flow_logits, warps.flow_logits[[2, 0]])
+    joined = families.concat([picked, warps.select([1])])
+    assert joined.targets.tolist() == [2, 0, 1]
+    rebuilt = families.from_state(warps.meta, warps.state_dict())
+    assert isinstance(rebuilt, WarpSet) and torch.equal(rebuilt.flow_logits, warps.flow_logits)
+
+
+def test_recovery_finds_the_warp_a_model_answers_and_counts_its_images():
+    fit, val = blobs(64, seed=1), blobs(64, seed=2)
+    config = baerase.Config(family="warp", steps=60, batch_size=8, warp_lr=0.1)
+    spent = cost.Cost()
+    with cost.phase(spent, "recovery"):
+        result = recover(ShiftDetector(), fit, val, [0, 1], config)
+    assert result.success[1] >= 0.5  # the smallest warp that flipped 90% of a batch, on unseen images
+    assert 0.5 <= result.norms[1] < 3.0  # about the 1.5 pixels the detector asks for, where the blobs are
+    assert result.norms[0] == 3.0  # no image can prove a warp for class 0: it is out of reach
+    assert spent.forward >= 60 * 8  # every stamped image went through cost.forward
+    gain = warp.lift(result.triggers.select([1]), lambda w: attack_success(w, ShiftDetector(), *val))
+    assert gain.item() >= 0.5  # a coherent shift; random warps of its size are not
+
+
+def test_fallback_names_only_other_families():
+    with pytest.raises(ConfigError, match="fallback"):
+        baerase.Config(fallback=("mask",))
+    assert baerase.Config(fallback=()).recovery.fallback == ()
+
+
+@pytest.mark.slow
+def test_a_wanet_backdoor_is_flagged_by_the_warp_fallback_and_erased():
+    from baerase.attacks import WaNet, attack_success_rate, clean_accuracy, train_wanet
+    from baerase.data import load_mnist, split
+    from baerase.models import SmallCNN
+
+    x, y = load_mnist()
+    (tx, ty), (px, py) = split(x, y, [0.7, 0.3], seed=0)  # the effectiveness grid's MNIST cell
+    trigger = WaNet(k=4, strength=1.0, seed=1)
+    model = train_wanet(SmallCNN(1, 10, 28), tx, ty, trigger, 0, rate=0.1, epochs=15)
+    report, result = baerase.audit(model, px[:500], py[:500])
+    assert report.family == "warp" and report.flagged == [0]  # the mask family finds no small mask
+    xt, yt = px[500:], py[500:]
+    assert attack_success_rate(result.model, xt, yt, trigger, 0) <= 0.01
+    assert clean_accuracy(result.model, xt, yt) >= clean_accuracy(model, xt, yt) - 0.01
