@@ -511,7 +511,7 @@ def audit_many(
     cpus_per_task: int = 1,
     gpus_per_task: float | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     on_result: Callable[[dict], None] | None = None,
 ) -> FleetResult:
     """Audit every model of a fleet (see the module docstring) and write its outputs under ``out``.

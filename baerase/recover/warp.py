@@ -154,13 +154,14 @@ def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on
             break
         active = ~stopped
         loss, success, attack = _step(forward, images, labels, warps, active, config, mean, std)
+        size = warps.displacement().mean((1, 2))  # the mass the adaptive cost weighs, in pixels
         with torch.no_grad():
-            improved = tracker.update(success, warps.displacement().mean((1, 2)))
+            improved = tracker.update(success, size.detach())
             best = torch.where(improved.view(-1, 1, 1, 1), warps.flow_logits.detach(), best)
             ran += active
             reach += attack * active
         optimizer.zero_grad(set_to_none=True)
-        (loss + (tracker.cost * warps.displacement().mean((1, 2)) * active).sum()).backward()
+        (loss + (tracker.cost * size * active).sum()).backward()
         optimizer.step()
         if on_step is not None:
             on_step(int(active.sum()))
