@@ -82,7 +82,7 @@ def test_fallback_names_only_other_families():
 
 
 @pytest.mark.slow
-def test_a_wanet_backdoor_is_flagged_by_the_warp_fallback_and_erased():
+def test_a_wanet_backdoor_is_flagged_by_the_warp_fallback_and_erased(tmp_path):
     from baerase.attacks import WaNet, attack_success_rate, clean_accuracy, train_wanet
     from baerase.data import load_mnist, split
     from baerase.models import SmallCNN
@@ -96,3 +96,7 @@ def test_a_wanet_backdoor_is_flagged_by_the_warp_fallback_and_erased():
     xt, yt = px[500:], py[500:]
     assert attack_success_rate(result.model, xt, yt, trigger, 0) <= 0.01
     assert clean_accuracy(result.model, xt, yt) >= clean_accuracy(model, xt, yt) - 0.01
+    out = baerase.write_outputs(tmp_path / "audit", report, px[:500], result)
+    assert (out / "report.html").exists() and (out / "triggers" / "class_0_displacement.png").exists()
+    loaded = baerase.ScanReport.load(out)
+    assert loaded.family == "warp" and torch.equal(loaded.triggers.flow_logits, report.triggers.flow_logits.cpu())
