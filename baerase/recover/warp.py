@@ -59,10 +59,15 @@ class WarpSet(nn.Module):
         [K, n, 2, grid, grid]). ``noise_std`` is the mask family's pattern noise; a warp has none."""
         return None, self.control_points().unsqueeze(1).expand(-1, n, -1, -1, -1)
 
-    def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, **_) -> torch.Tensor:
+    def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, spread: int = 0, **_) -> torch.Tensor:
         """Warp x [B, C, H, W] by each class's control points g [K, B, 2, grid, grid] -> normalised
-        [K, B, C, H, W]. A warp has no position: the mask family's ``shift``/``spread`` do not apply."""
+        [K, B, C, H, W]. A warp has no position (the mask family's ``shift`` does not apply); with
+        ``spread`` each sample's warp is scaled by a random factor in [1, 2): recovery finds the smallest
+        warp that works, and unlearning must also cover the attacker's larger one."""
         k, b = g.shape[:2]
+        if spread:
+            grow = torch.rand(k, b, 1, 1, 1, device=g.device, generator=rng.generator(g.device))
+            g = g * (1 + grow)
         h, w = x.shape[-2:]
         field = F.interpolate(g.flatten(0, 1), size=(h, w), mode="bicubic", align_corners=True)
         scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device).view(1, 2, 1, 1)
