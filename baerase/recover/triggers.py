@@ -12,7 +12,42 @@ from .. import ops, rng
 from .generator import StatisticsNetwork, TriggerGenerator
 
 
-class TriggerSet(nn.Module):
+class Stacked(nn.Module):
+    """A trigger family's per-class state, stacked along dim 0 of every tensor: what selecting,
+    stacking and rebuilding from a saved (meta, state_dict) need, for every family."""
+
+    meta: dict
+    targets: torch.Tensor
+
+    @classmethod
+    def _like(cls, targets: list[int], meta: dict):
+        return cls(targets, tuple(meta["image_shape"]), **_kwargs(meta))
+
+    def select(self, index: list[int] | torch.Tensor):
+        """A new set of this family holding only the classes at positions ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.targets.device)
+        picked = self._like(self.targets[index].tolist(), self.meta)
+        picked.load_state_dict({k: v[index].clone() for k, v in self.state_dict().items()})
+        return picked.to(self.targets.device)
+
+    @classmethod
+    def concat(cls, parts: list):
+        """Stack several sets of this family (same shapes) into one."""
+        first = parts[0]
+        joined = cls._like([t for part in parts for t in part.targets.tolist()], first.meta)
+        states = [part.state_dict() for part in parts]
+        joined.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
+        return joined.to(first.targets.device)
+
+    @classmethod
+    def from_state(cls, meta: dict, state: dict[str, torch.Tensor]):
+        """Rebuild a set saved as (meta, state_dict)."""
+        rebuilt = cls._like(state["targets"].tolist(), meta)
+        rebuilt.load_state_dict(state)
+        return rebuilt
+
+
+class TriggerSet(Stacked):
     """One trigger distribution per candidate target class, stacked along dim 0.
 
     ``mask`` family: x' = x + m * (p - x) with a learned mask m [1, H, W] per class and patterns p
@@ -110,31 +145,6 @@ class TriggerSet(nn.Module):
             return torch.sigmoid(self.mask_logits).sum((1, 2, 3))
         p = self.meta["patch_size"]
         return torch.full((len(self),), float(p * p), device=self.targets.device)
-
-    def select(self, index: list[int] | torch.Tensor) -> TriggerSet:
-        """A new TriggerSet holding only the classes at positions ``index``."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.targets.device)
-        targets = self.targets[index].tolist()
-        picked = TriggerSet(targets, tuple(self.meta["image_shape"]), **_kwargs(self.meta))
-        picked.load_state_dict({k: v[index].clone() for k, v in self.state_dict().items()})
-        return picked.to(self.targets.device)
-
-    @staticmethod
-    def concat(parts: list[TriggerSet]) -> TriggerSet:
-        """Stack several TriggerSets (same family and shapes) into one."""
-        first = parts[0]
-        targets = [t for part in parts for t in part.targets.tolist()]
-        joined = TriggerSet(targets, tuple(first.meta["image_shape"]), **_kwargs(first.meta))
-        states = [part.state_dict() for part in parts]
-        joined.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
-        return joined.to(first.targets.device)
-
-    @staticmethod
-    def from_state(meta: dict, state: dict[str, torch.Tensor]) -> TriggerSet:
-        """Rebuild a TriggerSet saved as (meta, state_dict)."""
-        triggers = TriggerSet(state["targets"].tolist(), tuple(meta["image_shape"]), **_kwargs(meta))
-        triggers.load_state_dict(state)
-        return triggers
 
 
 def _grow(

@@ -15,9 +15,10 @@ from torch import nn
 
 from .. import cost, ops, rng
 from ..ops.reference import normalize_images
+from .triggers import Stacked
 
 
-class WarpSet(nn.Module):
+class WarpSet(Stacked):
     """One warp per candidate class, stacked along dim 0. Displacements are ``max_shift * tanh``
     of learned control points, in pixels. A warp is deterministic: a backdoor trained against
     WaNet's noise mode answers only its own warp, so a jittered copy of a sub-pixel warp proves nothing."""
@@ -87,30 +88,6 @@ class WarpSet(nn.Module):
         limit = torch.full_like(self.found, self.meta["max_shift"], dtype=torch.float32)
         return torch.where(self.found, self.displacement().mean((1, 2)), limit)
 
-    def select(self, index: list[int] | torch.Tensor) -> WarpSet:
-        """A new WarpSet holding only the classes at positions ``index``."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.targets.device)
-        picked = WarpSet(self.targets[index].tolist(), tuple(self.meta["image_shape"]), **_kwargs(self.meta))
-        picked.load_state_dict({k: v[index].clone() for k, v in self.state_dict().items()})
-        return picked.to(self.targets.device)
-
-    @staticmethod
-    def concat(parts: list[WarpSet]) -> WarpSet:
-        """Stack several WarpSets (same shapes) into one."""
-        first = parts[0]
-        targets = [t for part in parts for t in part.targets.tolist()]
-        joined = WarpSet(targets, tuple(first.meta["image_shape"]), **_kwargs(first.meta))
-        states = [part.state_dict() for part in parts]
-        joined.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
-        return joined.to(first.targets.device)
-
-    @staticmethod
-    def from_state(meta: dict, state: dict[str, torch.Tensor]) -> WarpSet:
-        """Rebuild a WarpSet saved as (meta, state_dict)."""
-        warps = WarpSet(state["targets"].tolist(), tuple(meta["image_shape"]), **_kwargs(meta))
-        warps.load_state_dict(state)
-        return warps
-
 
 def lift(warps: WarpSet, success_of, draws: int = 4) -> torch.Tensor:
     """How much more often each class's warp reaches its class than random smooth warps of the same
@@ -127,7 +104,7 @@ def _random_like(warps: WarpSet) -> WarpSet:
     """Random smooth warps with each class's mean displacement."""
     device, limit = warps.targets.device, warps.meta["max_shift"]
     points = torch.randn(warps.flow_logits.shape, device=device, generator=rng.generator(device))
-    random = WarpSet(warps.targets.tolist(), tuple(warps.meta["image_shape"]), **_kwargs(warps.meta)).to(device)
+    random = WarpSet._like(warps.targets.tolist(), warps.meta).to(device)
     with torch.no_grad():
         random.flow_logits.copy_(torch.atanh((points / points.abs().amax()).clamp(-0.999, 0.999)))
         for _ in range(3):  # tanh bends the scale a little: a few rescalings settle it
@@ -204,7 +181,3 @@ def _identity(h: int, w: int, device: torch.device) -> torch.Tensor:
     ys, xs = torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((grid_x, grid_y), -1).unsqueeze(0)
-
-
-def _kwargs(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("image_shape", "family")}
