@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import __version__
-from .config import PRESETS, Config
+from .config import FAMILIES, PRESETS, Config
 from .errors import BaeraseError, InputError
 
 
@@ -261,7 +261,11 @@ def _common(p: argparse.ArgumentParser, needs_out: bool) -> None:
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="fast default or the paper's settings")
     p.add_argument("--steps", type=int, help="recovery steps per class")
-    p.add_argument("--family", choices=["mask", "patch"], help="trigger family")
+    p.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        help="trigger family (mask, the default, falls back to warp when it flags nothing)",
+    )
     p.add_argument("--classes", help="comma-separated candidate target classes (default: all)")
     p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")
     p.add_argument("--device", help="torch device (default: the model's)")
