@@ -19,6 +19,13 @@ class Stacked(nn.Module):
     meta: dict
     targets: torch.Tensor
 
+    @property
+    def family(self) -> str:
+        return self.meta["family"]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
     @classmethod
     def _like(cls, targets: list[int], meta: dict):
         return cls(targets, tuple(meta["image_shape"]), **_kwargs(meta))
@@ -87,13 +94,6 @@ class TriggerSet(Stacked):
             # Start from a faint mask over the whole image: it grows where a class needs it until the
             # trigger works, then the mass penalty shrinks it to what the class really needs.
             self.mask_logits = nn.Parameter(torch.full((k, 1, height, width), math.log(mask_init / (1 - mask_init))))
-
-    @property
-    def family(self) -> str:
-        return self.meta["family"]
-
-    def __len__(self) -> int:
-        return len(self.targets)
 
     def sample(self, n: int, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw n latent codes per class and their triggers: (z [K, n, latent], g [K, n, D])."""

@@ -44,13 +44,6 @@ class WarpSet(Stacked):
         # Whether a warp within max_shift ever worked: one that never did is at least that large.
         self.register_buffer("found", torch.ones(len(targets), dtype=torch.bool))
 
-    @property
-    def family(self) -> str:
-        return "warp"
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def control_points(self) -> torch.Tensor:
         """Displacements at the control points, in pixels [K, 2, grid, grid] (x then y)."""
         return self.meta["max_shift"] * torch.tanh(self.flow_logits)
