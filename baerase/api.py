@@ -220,7 +220,8 @@ def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Ver
     if screened.recovery.triggers is not None:  # under torchrun only rank 0 holds them: it decides for all
         warps = screened.recovery.triggers.select(flagged)
         x, y = inputs.held_out
-        gain = warp.lift(warps, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
+        own = screened.recovery.success[flagged].to(x.device)
+        gain = warp.lift(warps, own, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
         keep[flagged] = gain.cpu() >= inputs.config.detection.min_warp_lift
     return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
 

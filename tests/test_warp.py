@@ -71,7 +71,9 @@ def test_recovery_finds_the_warp_a_model_answers_and_counts_its_images():
     assert 0.5 <= result.norms[1] < 3.0  # about the 1.5 pixels the detector asks for, where the blobs are
     assert result.norms[0] == 3.0  # no image can prove a warp for class 0: it is out of reach
     assert spent.forward >= 60 * 8  # every stamped image went through cost.forward
-    gain = warp.lift(result.triggers.select([1]), lambda w: attack_success(w, ShiftDetector(), *val))
+    gain = warp.lift(
+        result.triggers.select([1]), result.success[1:], lambda w: attack_success(w, ShiftDetector(), *val)
+    )
     assert gain.item() >= 0.5  # a coherent shift; random warps of its size are not
 
 

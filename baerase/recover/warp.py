@@ -82,11 +82,11 @@ class WarpSet(Stacked):
         return torch.where(self.found, self.displacement().mean((1, 2)), limit)
 
 
-def lift(warps: WarpSet, success_of, draws: int = 4) -> torch.Tensor:
-    """How much more often each class's warp reaches its class than random smooth warps of the same
-    mean displacement do [K]: a class that any small warp reaches (a blurred or bent digit) has no
-    backdoor. ``success_of(warps) -> [K]`` scores a WarpSet on held-out images."""
-    own = success_of(warps)
+def lift(warps: WarpSet, own: torch.Tensor, success_of, draws: int = 4) -> torch.Tensor:
+    """How much more often each class's warp reaches its class (``own`` [K], its held-out success, as
+    recovery scored it) than random smooth warps of the same mean displacement do [K]: a class that any
+    small warp reaches (a blurred or bent digit) has no backdoor. ``success_of(warps) -> [K]`` scores a
+    WarpSet on the same held-out images."""
     chance = torch.zeros_like(own)
     for _ in range(draws):
         chance += success_of(_random_like(warps)) / draws
