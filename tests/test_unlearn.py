@@ -13,6 +13,8 @@ from baerase import Config, ConfigError
 from baerase.config import Unlearning
 from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
+from baerase.unlearn.batch import _radius
+from baerase.unlearn.loop import StepBudget, step_budget
 
 torch.set_num_threads(1)
 
@@ -81,17 +83,17 @@ def test_guard_keeps_an_erased_checkpoint_within_the_bounds():
     assert rows == [row] and not back_off
     assert g.best is row and g.erased_evals == 1
     assert torch.equal(g.best_state["1.bias"], net[1].bias)
-    assert not g.finished(10, total=100)  # the margin is not reached yet
+    assert not g.finished(10, StepBudget(CFG.unlearning.min_steps, 100))  # the margin is not reached yet
     for step in (20, 30):
         g.accept(g.score(step))
-    assert not g.finished(30, total=100)  # erased past the margin, but under min_steps
-    assert g.finished(100, total=100)
-    short = guard(net, CFG.replace(asr_stop=1.0, min_steps=30))
+    assert not g.finished(30, StepBudget(CFG.unlearning.min_steps, 100))  # erased past the margin, but under min_steps
+    assert g.finished(100, StepBudget(CFG.unlearning.min_steps, 100))
+    short = guard(net, CFG.replace(asr_stop=1.0))
     for step in (10, 20):
         short.accept(short.score(step))
-        assert not short.finished(step, total=100)
+        assert not short.finished(step, StepBudget(30, 100))
     short.accept(short.score(30))
-    assert short.finished(30, total=100)
+    assert short.finished(30, StepBudget(30, 100))
 
 
 @pytest.mark.parametrize("bisections", [0, 1, 3])
@@ -161,6 +163,18 @@ def test_batch_builder_skips_a_lone_image_and_steps_the_universal_perturbation_i
     assert batches.universal.abs().max().item() == pytest.approx(0.1 / 4) and not batches.universal.requires_grad
 
 
+def test_a_position_bound_triggers_universal_perturbation_takes_any_colour_near_it():
+    t = TriggerSet([1, 2], (1, 8, 8), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        t.mask_logits.fill_(-9.0)
+        t.mask_logits[:, 0, 1, 1] = 9.0  # both triggers: one pixel at (1, 1)
+    radius = _radius(t, torch.tensor([True, False]), 0.1, (8, 8))
+    near = torch.zeros(8, 8, dtype=torch.bool)
+    near[:4, :4] = True  # within 2 pixels of (1, 1)
+    assert torch.equal(radius[0, 0] == 1.0, near) and torch.all(radius[0, 0][~near] == 0.1)
+    assert torch.all(radius[1] == 0.1)  # a trigger that works anywhere keeps the small ball
+
+
 # ---- the loss ----------------------------------------------------------------------------------
 
 
@@ -199,6 +213,15 @@ def test_loss_terms_add_up_to_the_total(scarce):
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+
+
+def test_each_further_round_unlearns_round_growth_times_longer():
+    config = CFG.replace(min_steps=100, unlearn_epochs=1, unlearn_batch_size=10)
+    assert [step_budget(config, 50, r) for r in (1, 2, 3)] == [StepBudget(100, 100), StepBudget(200, 200), StepBudget(400, 400)]
+    many = config.replace(unlearn_epochs=5, round_growth=1.5)  # 5 epochs of 50 batches: more than the least
+    assert step_budget(many, 500, 2) == StepBudget(150, 375)
+    with pytest.raises(ConfigError, match="round_growth"):
+        config.replace(round_growth=0.5)
 
 
 def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_trigger_flags():

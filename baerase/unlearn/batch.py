@@ -2,7 +2,7 @@
 
 Recovery finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
 patch through its other pixels. So every other step moves the triggers and grows them by a pixel of random
-black or white, a position-bound trigger is also grown in place in its own colour every fourth step, and
+black or white, a position-bound trigger is grown in place in its own colour on the other steps, and
 with ``universal_eps`` > 0 each target also gets a universal perturbation in that L-inf ball, which takes one
 signed-gradient step toward its target per step.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, Unlearning
@@ -34,15 +35,29 @@ class TriggeredBatch:
     parts: int
 
 
-def _toward_targets(universal: torch.Tensor, nll: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+def _toward_targets(
+    universal: torch.Tensor, nll: torch.Tensor, valid: torch.Tensor, radius: torch.Tensor
+) -> torch.Tensor:
     """One signed-gradient step of the universal perturbations [K, C, H, W] that lowers their
-    targets' cross-entropy ``nll`` (on the rows ``valid`` marks), kept in the L-inf ball ``eps``."""
+    targets' cross-entropy ``nll`` (on the rows ``valid`` marks), kept within ``radius`` [K, 1, H, W]."""
     (grad,) = torch.autograd.grad((nll * valid).sum(), universal, retain_graph=True)
-    return (universal - eps / 4 * grad.sign()).clamp(-eps, eps).detach()
+    return torch.minimum(torch.maximum(universal - radius / 4 * grad.sign(), -radius), radius).detach()
+
+
+def _radius(triggers: TriggerSet, in_place: torch.Tensor, eps: float, shape, reach: int = 2) -> torch.Tensor:
+    """L-inf radius [K, 1, H, W] of each class's universal perturbation: ``eps``, and any colour within
+    ``reach`` pixels of a position-bound trigger, where the rest of the attacker's fixed patch lies."""
+    radius = torch.full((len(triggers), 1, *shape[-2:]), eps, device=triggers.targets.device)
+    if triggers.family != "mask" or not in_place.any():
+        return radius
+    mask = torch.sigmoid(triggers.mask_logits.detach())
+    core = (mask >= 0.5 * mask.amax((1, 2, 3), keepdim=True)).float()
+    near = F.max_pool2d(core, 2 * reach + 1, 1, reach) > 0
+    return torch.where(near & in_place.view(-1, 1, 1, 1), torch.ones_like(radius), radius)
 
 
 # Enough to tell a share of 0.01-0.04 (fixed patches) from 0.15-0.36 (random-position BadNets).
-_POSITION_IMAGES = 128
+_POSITION_IMAGES = 64
 
 
 @torch.no_grad()
@@ -91,6 +106,7 @@ class TriggeredBatches:
         # The ascent lowers each target's logit on every input: its clean images in every batch hold it in place.
         self.target_pool = torch.nonzero(torch.isin(self.y_fit, triggers.targets.to(self.y_fit.device))).flatten()
         self.eps = config.unlearning.universal_eps
+        self.radius = _radius(triggers, self.in_place, self.eps, self.x_fit.shape)
         self.universal = torch.zeros(len(triggers), *self.x_fit.shape[1:], device=self.x_fit.device)
         self.parts = 2 if self.eps > 0 else 1  # the recovered triggers' rows, then the universal perturbations'
 
@@ -125,7 +141,7 @@ class TriggeredBatches:
     @torch.no_grad()
     def _stamped(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         """Fresh recovered triggers on x [B, C, H, W], normalised [K * B, C, H, W]: every other step moved
-        to a random place and grown by a pixel; every fourth, position-bound ones grown in place."""
+        to a random place and grown by a pixel; the others, position-bound ones grown in place."""
         shift = None
         if step % 2 == 1:
             h, w = x.shape[-2:]
@@ -142,4 +158,4 @@ class TriggeredBatches:
         cross-entropy ``nll`` and ``valid`` mask (before the loss's backward: it reuses the graph)."""
         if self.eps > 0:
             half = len(nll) // 2
-            self.universal = _toward_targets(self.universal, nll[half:], valid[half:], self.eps)
+            self.universal = _toward_targets(self.universal, nll[half:], valid[half:], self.radius)

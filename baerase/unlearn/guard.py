@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from ..config import Config
 from ..cost import forward
 from ..ops.reference import normalize_images
 from ..recover import TriggerSet, attack_success
+
+if TYPE_CHECKING:
+    from .loop import StepBudget
 
 _TOLERANCE = 1e-6  # accuracies are float32 shares of whole images; compare them with this slack
 
@@ -157,6 +161,6 @@ class Guard:
         back_off = not overshoots and not self.within(row, self.settings.backtrack_slack)
         return [row] if candidate is row else [row, candidate], back_off
 
-    def finished(self, step: int, total: int) -> bool:
-        """Erased for the margin and unlearned for the minimum budget, or out of steps."""
-        return step >= total or (self.erased_evals > self.settings.margin_evals and step >= self.settings.min_steps)
+    def finished(self, step: int, budget: StepBudget) -> bool:
+        """Erased for the margin and unlearned for the budget's least steps, or at its most."""
+        return step >= budget.most or (self.erased_evals > self.settings.margin_evals and step >= budget.least)

@@ -66,10 +66,11 @@ def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.T
 
 
 class _Schedule:
-    """SGD on the model with a linear warm-up; a non-finite step is undone and halves the lr."""
+    """SGD on the model with a linear warm-up, then a cosine decay to ``final_lr_share`` of the lr at the
+    budget's most steps; a non-finite step is undone and halves the lr."""
 
-    def __init__(self, model: nn.Module, lr: float, settings: Unlearning) -> None:
-        self.model, self.base_lr, self.lr, self.settings = model, lr, lr, settings
+    def __init__(self, model: nn.Module, lr: float, settings: Unlearning, most: int) -> None:
+        self.model, self.base_lr, self.lr, self.settings, self.most = model, lr, lr, settings, most
         self.optimizer = self._sgd()
         self.rolled_back = 0
 
@@ -80,7 +81,7 @@ class _Schedule:
     def step(self, loss: torch.Tensor, step: int) -> None:
         """One update from ``loss`` at optimisation step ``step`` (0-based)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * min(1.0, (step + 1) / self.settings.warmup_steps)
+            group["lr"] = self.lr * min(1.0, (step + 1) / self.settings.warmup_steps) * self._decay(step)
         snapshot = [p.detach().clone() for p in self.model.parameters()]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,6 +93,10 @@ class _Schedule:
             self.lr /= 2
             self.optimizer = self._sgd()
             self.rolled_back += 1
+
+    def _decay(self, step: int) -> float:
+        final = self.settings.final_lr_share
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step, self.most) / self.most))
 
     def back_off(self, state: dict) -> float:
         """Return to the checkpoint ``state`` and halve the lr (never below its floor); the new lr."""
@@ -113,6 +118,7 @@ def unlearn(
     accuracy_floor: float | None = None,
     original: nn.Module | None = None,
     on_step: Callable[[int], None] | None = None,
+    round_: int = 1,
 ) -> UnlearnOutcome:
     """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
 
@@ -120,13 +126,12 @@ def unlearn(
     A checkpoint is only returned if its validation accuracy is at least ``accuracy_floor``
     (default: the starting accuracy minus ``config.unlearning.max_accuracy_drop``) and it breaks at most
     ``max_accuracy_drop`` of the clean images ``original`` (default ``model``) got right.
-    ``on_step(n)`` is called after every n optimisation steps (progress).
+    ``on_step(n)`` is called after every n optimisation steps (progress); ``round_`` sets the step budget.
     """
     settings = config.unlearning
     repaired = _trainable_copy(model)
     with _fixed(triggers):
         anchor = [p.detach().clone() for p in repaired.parameters()]
-        schedule = _Schedule(repaired, settings.unlearn_lr, settings)
         reference = model if original is None else original
         reference_logp = _answers(reference, fit, val, mean, std)
         guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
@@ -134,11 +139,12 @@ def unlearn(
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
-        total = most_steps(config, len(fit[1]))
+        budget = step_budget(config, len(fit[1]), round_)
+        schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         history, step = [guard.first], 0
-        while not guard.finished(step, total) and cost.spent() is None:
+        while not guard.finished(step, budget) and cost.spent() is None:
             for batch in batches.epoch(generator):
                 terms = loss_of(repaired, batches.build(batch, step, generator), generator)
                 batches.update_universal(terms.target_nll, terms.valid)
@@ -148,17 +154,28 @@ def unlearn(
                     break
                 if on_step is not None:
                     on_step(1)
-                if step % settings.eval_every == 0 or step == total:
+                if step % settings.eval_every == 0 or step == budget.most:
                     history += _evaluate(guard, schedule, dict(guard.score(step), **terms.floats()))
-                    if guard.finished(step, total):
+                    if guard.finished(step, budget):
                         break
     return _outcome(repaired, guard, history, step, schedule.rolled_back)
 
 
-def most_steps(config: Config, fit_size: int) -> int:
-    """The most optimisation steps one unlearning round takes on ``fit_size`` images (it stops early once erased)."""
+@dataclass(frozen=True)
+class StepBudget:
+    """The optimisation steps of one unlearning round: at least ``least`` (once erased), at most ``most``."""
+
+    least: int
+    most: int
+
+
+def step_budget(config: Config, fit_size: int, round_: int = 1) -> StepBudget:
+    """Round ``round_``'s budget on ``fit_size`` images: a trigger the re-scan still finds gets
+    ``round_growth`` times the previous round's steps, so an easy erase stays cheap."""
     u = config.unlearning
-    return max(u.unlearn_epochs * math.ceil(fit_size / u.unlearn_batch_size), u.min_steps)
+    scale = u.round_growth ** (round_ - 1)
+    least = round(u.min_steps * scale)
+    return StepBudget(least, max(round(u.unlearn_epochs * math.ceil(fit_size / u.unlearn_batch_size) * scale), least))
 
 
 def _evaluate(guard: Guard, schedule: _Schedule, row: dict) -> list[dict]:

@@ -16,7 +16,7 @@ from ..recover import families, frozen
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
-from .loop import UnlearnOutcome, most_steps, unlearn
+from .loop import UnlearnOutcome, step_budget, unlearn
 
 # Below this many guard images, one image is over twice the allowed accuracy drop, and unlearning
 # can lose more on unseen data than the guard sees.
@@ -41,7 +41,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
         with (
             cost.phase(spent, "unlearning"),
-            progress(most_steps(cfg, len(inputs.fit[1])), f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
+            progress(step_budget(cfg, len(inputs.fit[1]), round_).most, f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
         ):
             outcome = unlearn(
                 current,
@@ -55,6 +55,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
                 accuracy_floor=floor,
                 original=model,
                 on_step=bar.update,
+                round_=round_,
             )
         outcomes.append(outcome)
         history += [dict(row, round=round_) for row in outcome.history]
