@@ -217,7 +217,11 @@ def test_loss_terms_add_up_to_the_total(scarce):
 
 def test_each_further_round_unlearns_round_growth_times_longer():
     config = CFG.replace(min_steps=100, unlearn_epochs=1, unlearn_batch_size=10)
-    assert [step_budget(config, 50, r) for r in (1, 2, 3)] == [StepBudget(100, 100), StepBudget(200, 200), StepBudget(400, 400)]
+    assert [step_budget(config, 50, r) for r in (1, 2, 3)] == [
+        StepBudget(100, 100),
+        StepBudget(200, 200),
+        StepBudget(400, 400),
+    ]
     many = config.replace(unlearn_epochs=5, round_growth=1.5)  # 5 epochs of 50 batches: more than the least
     assert step_budget(many, 500, 2) == StepBudget(150, 375)
     with pytest.raises(ConfigError, match="round_growth"):

@@ -41,7 +41,9 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
         with (
             cost.phase(spent, "unlearning"),
-            progress(step_budget(cfg, len(inputs.fit[1]), round_).most, f"baerase unlearn (round {round_})", cfg.run.progress) as bar,
+            progress(
+                step_budget(cfg, len(inputs.fit[1]), round_).most, f"baerase unlearn (round {round_})", cfg.run.progress
+            ) as bar,
         ):
             outcome = unlearn(
                 current,
