@@ -25,7 +25,7 @@ ARCH = "helpers:TinyNet"  # a user's own ``module:callable`` architecture
 def tiny_presets(monkeypatch):
     # The CLI has no flags for the network sizes; shrink the preset so a run costs well under a second.
     tiny = functools.partial(Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1)
-    monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny})
+    monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny, "short-erase": tiny})
 
 
 @pytest.fixture

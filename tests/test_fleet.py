@@ -182,7 +182,7 @@ def test_bad_fleet_descriptions_are_refused_with_the_reason(rows, words):
 
 def test_cli_audit_many_without_ray(tiny_fleet, tmp_path, capsys, monkeypatch):
     tiny = functools.partial(Config, hidden=16, mine_hidden=8, batch_size=8, eval_samples=32, unlearn_epochs=1)
-    monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny})
+    monkeypatch.setattr(cli, "PRESETS", {"fast": tiny, "paper": tiny, "short-erase": tiny})
     folder, data = tiny_fleet
     os.remove(folder / "broken.safetensors")
     os.remove(folder / "nan.safetensors")

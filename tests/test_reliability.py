@@ -385,7 +385,9 @@ def test_a_checkpoint_outside_the_bounds_gives_way_to_a_point_part_way_back_with
     triggers = _scan(m=m).triggers.select([1])
     far = _WrongWhenFar(m)
     fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
-    cfg = CFG.replace(unlearn_batch_size=8, asr_stop=1.0, min_steps=40, bisections=bisections)  # erased anywhere
+    cfg = CFG.replace(
+        unlearn_batch_size=8, asr_stop=1.0, min_steps=40, bisections=bisections, eval_every=10, final_lr_share=1
+    )
     outcome = unlearn_module.unlearn(far, triggers, fit, val, cfg, num_classes=K)
     moved = (parameters_to_vector(outcome.model.parameters()) - far.start).norm().item()
     if bisections == 0:  # every checkpoint is far: nothing is kept

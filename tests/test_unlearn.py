@@ -168,11 +168,12 @@ def test_a_position_bound_triggers_universal_perturbation_takes_any_colour_near_
     with torch.no_grad():
         t.mask_logits.fill_(-9.0)
         t.mask_logits[:, 0, 1, 1] = 9.0  # both triggers: one pixel at (1, 1)
-    radius = _radius(t, torch.tensor([True, False]), 0.1, (8, 8))
+    radius = _radius(t, torch.tensor([True, False]), 0.1, (8, 8), reach=2)
     near = torch.zeros(8, 8, dtype=torch.bool)
     near[:4, :4] = True  # within 2 pixels of (1, 1)
     assert torch.equal(radius[0, 0] == 1.0, near) and torch.all(radius[0, 0][~near] == 0.1)
     assert torch.all(radius[1] == 0.1)  # a trigger that works anywhere keeps the small ball
+    assert torch.all(_radius(t, torch.tensor([True, False]), 0.1, (8, 8), reach=0) == 0.1)
 
 
 # ---- the loss ----------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_loss_terms_add_up_to_the_total(scarce):
 
 
 def test_each_further_round_unlearns_round_growth_times_longer():
-    config = CFG.replace(min_steps=100, unlearn_epochs=1, unlearn_batch_size=10)
+    config = CFG.replace(min_steps=100, unlearn_epochs=1, unlearn_batch_size=10, round_growth=2.0)
     assert [step_budget(config, 50, r) for r in (1, 2, 3)] == [
         StepBudget(100, 100),
         StepBudget(200, 200),
@@ -224,6 +225,8 @@ def test_each_further_round_unlearns_round_growth_times_longer():
     ]
     many = config.replace(unlearn_epochs=5, round_growth=1.5)  # 5 epochs of 50 batches: more than the least
     assert step_budget(many, 500, 2) == StepBudget(150, 375)
+    short = Config.short_erase(min_steps=60).unlearning
+    assert (short.min_steps, short.unlearn_batch_size, short.round_growth, short.patch_reach) == (60, 32, 2.0, 2)
     with pytest.raises(ConfigError, match="round_growth"):
         config.replace(round_growth=0.5)
 

@@ -44,11 +44,11 @@ def _toward_targets(
     return torch.minimum(torch.maximum(universal - radius / 4 * grad.sign(), -radius), radius).detach()
 
 
-def _radius(triggers: TriggerSet, in_place: torch.Tensor, eps: float, shape, reach: int = 2) -> torch.Tensor:
+def _radius(triggers: TriggerSet, in_place: torch.Tensor, eps: float, shape, reach: int) -> torch.Tensor:
     """L-inf radius [K, 1, H, W] of each class's universal perturbation: ``eps``, and any colour within
     ``reach`` pixels of a position-bound trigger, where the rest of the attacker's fixed patch lies."""
     radius = torch.full((len(triggers), 1, *shape[-2:]), eps, device=triggers.targets.device)
-    if triggers.family != "mask" or not in_place.any():
+    if triggers.family != "mask" or not in_place.any() or reach == 0:
         return radius
     mask = torch.sigmoid(triggers.mask_logits.detach())
     core = (mask >= 0.5 * mask.amax((1, 2, 3), keepdim=True)).float()
@@ -57,7 +57,7 @@ def _radius(triggers: TriggerSet, in_place: torch.Tensor, eps: float, shape, rea
 
 
 # Enough to tell a share of 0.01-0.04 (fixed patches) from 0.15-0.36 (random-position BadNets).
-_POSITION_IMAGES = 64
+_POSITION_IMAGES = 128
 
 
 @torch.no_grad()
@@ -106,7 +106,7 @@ class TriggeredBatches:
         # The ascent lowers each target's logit on every input: its clean images in every batch hold it in place.
         self.target_pool = torch.nonzero(torch.isin(self.y_fit, triggers.targets.to(self.y_fit.device))).flatten()
         self.eps = config.unlearning.universal_eps
-        self.radius = _radius(triggers, self.in_place, self.eps, self.x_fit.shape)
+        self.radius = _radius(triggers, self.in_place, self.eps, self.x_fit.shape, settings.patch_reach)
         self.universal = torch.zeros(len(triggers), *self.x_fit.shape[1:], device=self.x_fit.device)
         self.parts = 2 if self.eps > 0 else 1  # the recovered triggers' rows, then the universal perturbations'
 
