@@ -2,7 +2,7 @@
 
 Recovery finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
 patch through its other pixels. So every other step moves the triggers and grows them by a pixel of random
-black or white, a position-bound trigger is grown in place in its own colour on the other steps, and
+black or white, a position-bound trigger is also grown in place in its own colour every fourth step, and
 with ``universal_eps`` > 0 each target also gets a universal perturbation in that L-inf ball, which takes one
 signed-gradient step toward its target per step.
 """
@@ -141,7 +141,7 @@ class TriggeredBatches:
     @torch.no_grad()
     def _stamped(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         """Fresh recovered triggers on x [B, C, H, W], normalised [K * B, C, H, W]: every other step moved
-        to a random place and grown by a pixel; the others, position-bound ones grown in place."""
+        to a random place and grown by a pixel; every fourth, position-bound ones grown in place."""
         shift = None
         if step % 2 == 1:
             h, w = x.shape[-2:]
