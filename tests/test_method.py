@@ -180,7 +180,7 @@ def test_universal_perturbation_steps_toward_its_target_inside_the_ball():
     for step in range(6):
         nll, u = target_nll(universal)
         before = nll.mean().item()
-        universal = _toward_targets(u, nll, torch.ones(8), eps=0.1)
+        universal = _toward_targets(u, nll, torch.ones(8), torch.full((1, 1, 4, 4), 0.1))
         if step < 4:  # four steps of eps/4 reach the edge of the ball, where the clamp holds it
             assert target_nll(universal)[0].mean().item() < before
     assert universal.abs().max().item() == pytest.approx(0.1) and not universal.requires_grad
