@@ -167,6 +167,7 @@ class Unlearning:
     unlearn_batch_size: int = 64
     alpha_u: float = 10.0  # weight of the clean cross-entropy (paper: 100 with a 10x smaller lr)
     relabel_weight: float = 1.0  # CE of triggered images toward their true label (0: the paper's loss)
+    ascent_weight: float = 1.0  # weight of the triggered images' clipped target CE ascent (0: relabel only)
     # L-inf radius (pixels in [0, 1]) of a universal perturbation toward each flagged class, unlearned
     # with the recovered triggers (0: off): it covers the rest of a whole-image (blend) trigger.
     universal_eps: float = 0.1
@@ -202,7 +203,12 @@ class Unlearning:
         _in_range(self, ("unlearn_lr",), 0, float("inf"), open_low=True)
         _in_range(self, ("round_growth",), 1, float("inf"))
         _in_range(self, ("final_lr_share",), 0, 1)
-        _in_range(self, ("weight_l1", "alpha_u", "relabel_weight", "backtrack_slack", "copy_weight"), 0, float("inf"))
+        _in_range(
+            self,
+            ("weight_l1", "alpha_u", "relabel_weight", "ascent_weight", "backtrack_slack", "copy_weight"),
+            0,
+            float("inf"),
+        )
         _in_range(
             self, ("max_accuracy_drop", "asr_stop", "universal_eps", "min_lr_share", "moved_share", "copy_shift"), 0, 1
         )

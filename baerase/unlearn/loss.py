@@ -125,7 +125,7 @@ class UnlearnLoss:
         drift = sum((p - a).abs().sum() for p, a in zip(model.parameters(), self.anchor, strict=True))
         total = (
             cfg.unlearning.alpha_u * clean_part
-            - ascent
+            - cfg.unlearning.ascent_weight * ascent
             + cfg.unlearning.relabel_weight * relabel
             + cfg.unlearning.weight_l1 * drift
         )
