@@ -312,9 +312,7 @@ class Config:
             "weight_l1": 1e-6,
             "asr_stop": 0.0005,
             "unlearn_epochs": 10,
-            "unlearn_batch_size": 64,
             "min_steps": 0,
-            "round_growth": 1.0,
         }
         settings.update(overrides)
         return cls(**settings)
