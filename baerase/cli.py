@@ -263,7 +263,7 @@ def _options(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="fast",
-        help="fast default, the paper's settings, or short-erase (a tenth of the erase cost, weaker on some backdoors)",
+        help="fast default, the paper's settings, or short-erase (cheaper unlearning rounds, weaker on some backdoors)",
     )
     p.add_argument("--steps", type=int, help="recovery steps per class")
     p.add_argument(

@@ -321,8 +321,9 @@ class Config:
     def short_erase(cls, **overrides) -> Config:
         """Unlearning rounds that spend what the backdoor needs: 150 steps of 32 images with the lr
         decaying to a quarter, each further round twice as long, and any colour within 2 pixels of a
-        fixed patch. A tenth of the default erase's model images, but it meets the bar on 8 of 14
-        backdoored MNIST grid cells where the default meets it on 15 of 16 (benchmarks/results/audit_cost.md)."""
+        fixed patch. A tenth of the default erase's model images where one round suffices, but it meets
+        the bar on 8 of 14 backdoored MNIST grid cells where the default meets it on 15 of 16
+        (benchmarks/results/audit_cost.md)."""
         settings = {
             "unlearn_epochs": 1,
             "unlearn_batch_size": 32,
