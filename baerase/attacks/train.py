@@ -63,8 +63,7 @@ def poison(
     count = round(rate * len(y))
     if count > len(candidates):
         raise InputError(f"poison: rate {rate} needs {count} non-target images but only {len(candidates)} exist")
-    g = torch.Generator().manual_seed(seed)
-    idx = candidates[torch.randperm(len(candidates), generator=g)[:count].to(candidates.device)]
+    idx = _choose(candidates, count, seed)
     x, y = x.clone(), y.clone()
     if count:
         x[idx] = trigger(x[idx]).to(x.dtype)

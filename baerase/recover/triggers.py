@@ -19,6 +19,12 @@ class Stacked(nn.Module):
     meta: dict
     targets: torch.Tensor
 
+    def __init__(self, targets: list[int], meta: dict) -> None:
+        """meta: what rebuilds the set (``image_shape``, ``family`` and the family's own settings)."""
+        super().__init__()
+        self.meta = meta
+        self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
+
     @property
     def family(self) -> str:
         return self.meta["family"]
@@ -74,9 +80,7 @@ class TriggerSet(Stacked):
         mine_hidden: int = 128,
         mask_init: float = 0.5,
     ) -> None:
-        super().__init__()
-        channels, height, width = image_shape
-        self.meta = {
+        meta = {
             "image_shape": list(image_shape),
             "family": family,
             "patch_size": patch_size,
@@ -84,9 +88,10 @@ class TriggerSet(Stacked):
             "hidden": hidden,
             "mine_hidden": mine_hidden,
         }
+        super().__init__(targets, meta)
+        channels, height, width = image_shape
         k = len(targets)
         out = channels * height * width if family == "mask" else channels * patch_size * patch_size
-        self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
         self.generator = TriggerGenerator(k, latent_dim, hidden, out)
         self.stats = StatisticsNetwork(k, latent_dim, out, mine_hidden)
         self.register_buffer("moving_avg", torch.full((k,), float("nan")))

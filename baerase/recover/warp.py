@@ -32,14 +32,9 @@ class WarpSet(Stacked):
         grid: int = 4,
         max_shift: float = 3.0,
     ) -> None:
-        super().__init__()
-        self.meta = {
-            "image_shape": list(image_shape),
-            "family": family,
-            "grid": grid,
-            "max_shift": max_shift,
-        }
-        self.register_buffer("targets", torch.as_tensor(list(targets), dtype=torch.long))
+        super().__init__(
+            targets, {"image_shape": list(image_shape), "family": family, "grid": grid, "max_shift": max_shift}
+        )
         self.flow_logits = nn.Parameter(torch.zeros(len(targets), 2, grid, grid))
         # Whether a warp within max_shift ever worked: one that never did is at least that large.
         self.register_buffer("found", torch.ones(len(targets), dtype=torch.bool))
