@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from . import budget, cost, distributed
-from .config import Config
-from .detect import Verdict, detect
+from .config import UNTARGETED_CHECK, Config
+from .detect import Verdict, detect, untargeted
 from .errors import InputError
 from .progress import progress
-from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, warp
+from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, sent_to, warp
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
@@ -194,12 +194,20 @@ def _judge_families(
     inputs: Inputs, targets: list[int], spent: cost.Cost
 ) -> tuple[Inputs, Screened, Verdict, str | None]:
     """``_judge`` with the configured family and, when the mask family flags nothing, with each of
-    ``config.recovery.fallback`` in turn: the first family that flags gives the verdict (and the
-    inputs whose config names it); otherwise the mask family's evidence stands."""
+    ``config.recovery.fallback`` in turn: the first that flags gives the verdict (and the inputs whose
+    config names its family); otherwise the mask family's evidence stands."""
     first = _judge(inputs, targets, spent)
     if inputs.config.recovery.family != "mask" or first[1].flagged.any() or first[2] is not None:
         return inputs, *first
     for family in inputs.config.recovery.fallback:
+        if family == UNTARGETED_CHECK:
+            try:
+                verdict = _all_to_all(inputs, first[0], first[1], spent)
+            except cost.BudgetSpent as cut:
+                return inputs, first[0], first[1], cut.reason
+            if verdict.flagged.any():
+                return inputs, first[0], verdict, None
+            continue
         other = dataclasses.replace(inputs, config=inputs.config.replace(family=family))
         screened, verdict, reason = _judge(other, targets, spent)
         if reason is not None:  # cut short before this family could answer: no verdict
@@ -210,6 +218,26 @@ def _judge_families(
         if verdict.flagged.any():
             return other, screened, verdict, None
     return inputs, *first
+
+
+def _all_to_all(inputs: Inputs, screened: Screened, verdict: Verdict, spent: cost.Cost) -> Verdict:
+    """``verdict`` (nothing flagged) with an all-to-all backdoor's targets and untargeted trigger
+    when the untargeted trigger of every seed maps the classes apart (``detect.untargeted``)."""
+    cfg = inputs.config
+    x, y = inputs.held_out
+
+    def sent_by(triggers) -> tuple[torch.Tensor, torch.Tensor]:
+        return sent_to(triggers, inputs.model, x, inputs.mean, inputs.std)[0], y
+
+    with cost.phase(spent, "recovery"):
+        rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
+        found = untargeted(rerecover, sent_by, cfg, cfg.detection.confirmations + 1)
+    targets = [t for t in found.targets if t in screened.recovery.targets]
+    if not targets:
+        return verdict
+    flagged = torch.zeros_like(verdict.flagged)
+    flagged[screened.recovery.rows(targets)] = True
+    return dataclasses.replace(verdict, flagged=flagged, untargeted=found.recovery.triggers)
 
 
 def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:

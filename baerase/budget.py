@@ -106,8 +106,7 @@ def cut_erase(
     input's copy before any), unverified, measured on the held-out split as erase measures."""
     original = inputs.model
     repaired = frozen_copy(verifying[-1] if verifying else original)
-    flagged = report.triggers.targets.tolist()
-    triggers = report.triggers.to(inputs.device).select([flagged.index(t) for t in report.flagged])
+    triggers = report.flagged_triggers().to(inputs.device)
     x, y = inputs.held_out
 
     def trigger_success(model: nn.Module) -> float:

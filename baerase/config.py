@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from .errors import ConfigError
 
 FAMILIES = ("mask", "patch", "warp")
+UNTARGETED_CHECK = "untargeted"  # a fallback: one untargeted mask trigger, for an all-to-all backdoor
 BACKENDS = (None, "auto", "triton", "cpp", "ref")
 
 
@@ -81,8 +82,9 @@ class Recovery:
     prescreen_share: float = 0.025
     reference_sample: int = 16
     # A whole-image transformation (a warp) has no small mask: when the mask family flags nothing, each
-    # of these families is recovered in turn and the first that flags a class gives the verdict.
-    fallback: tuple[str, ...] = ("warp",)
+    # of these families is recovered in turn and the first that flags a class gives the verdict;
+    # "untargeted" checks for an all-to-all backdoor with one untargeted mask trigger.
+    fallback: tuple[str, ...] = ("warp", UNTARGETED_CHECK)
     warp_grid: int = 4  # control points per side of a warp's displacement field
     warp_max_shift: float = 3.0  # the largest displacement a warp may reach, in pixels
     warp_lr: float = 0.05  # Adam step size of the warps' control points
@@ -109,8 +111,11 @@ class Recovery:
         )
         if not isinstance(self.reference_sample, int) or self.reference_sample < 3:
             raise ConfigError(f"reference_sample must be an integer >= 3, got {self.reference_sample!r}")
-        if not set(self.fallback) <= set(FAMILIES) - {"mask"}:
-            raise ConfigError(f"fallback must name families other than 'mask' ({FAMILIES}), got {self.fallback!r}")
+        if not set(self.fallback) <= (set(FAMILIES) - {"mask"}) | {UNTARGETED_CHECK}:
+            raise ConfigError(
+                f"fallback must name families other than 'mask' ({FAMILIES}) or {UNTARGETED_CHECK!r}, "
+                f"got {self.fallback!r}"
+            )
         if self.latent_dim < 4:
             raise ConfigError("latent_dim must be at least 4 (it is split over the generator's 4 layers)")
         _in_range(self, ("lr", "mask_lr", "warp_lr", "warp_max_shift"), 0, float("inf"), open_low=True)
@@ -146,11 +151,15 @@ class Detection:
     # Warp family: a flagged warp must flip this much larger a share of held-out images than random smooth
     # warps of its size (a clean colour class reached by a 0.8 px warp is reached as often by random ones).
     min_warp_lift: float = 0.5
+    # The "untargeted" fallback: an untargeted trigger whose flipped classes go to at least this share of
+    # distinct targets is an all-to-all backdoor (MNIST y -> y+1: 1.0; clean models' 0.1-0.3).
+    min_untargeted_spread: float = 0.5
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
         _in_range(self, ("min_attack_success",), 0, 1, open_low=True)
         _in_range(self, ("min_warp_lift",), 0, 1)
+        _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("min_trigger_shrink", "verify_shrink"), 1, float("inf"))
         if not isinstance(self.confirmations, int) or self.confirmations < 0:

@@ -3,10 +3,15 @@
 A class is flagged when its trigger is an anomaly among the classes' triggers (flag), and stays
 flagged only if independently seeded re-recoveries find it again (confirm). After an erase, the
 same judgement on a fresh recovery tells whether a backdoor is still there (verify).
+
+When no class is flagged, one untargeted trigger (sending each image to any class but its own) tells an
+all-to-all backdoor apart: it maps the classes onto distinct targets, where on a clean model it is a
+universal perturbation that sends nearly every image to one class (``untargeted``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .recover import RecoveryResult
+from .recover import RecoveryResult, TriggerSet
+from .recover.triggers import UNTARGETED
 
 # Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
 # config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
@@ -99,6 +105,7 @@ class Verdict:
     index: torch.Tensor
     flagged: torch.Tensor
     confirmation: torch.Tensor
+    untargeted: TriggerSet | None = None  # an all-to-all backdoor's trigger; then ``flagged`` marks its targets
 
 
 def judge(
@@ -219,3 +226,57 @@ def _found_by_mass(
         ) & torch.isfinite(masses.cpu())
 
     return found
+
+
+# A class counts toward an untargeted trigger's spread once this many of its held-out images flip: fewer
+# cannot say where it goes.
+_MIN_FLIPPED = 4
+
+
+def spread(sent: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[int]]:
+    """(spread, targets) of an untargeted trigger from where it sends held-out images (``sent`` [N],
+    clean ``labels`` [N]). Of the classes with at least ``_MIN_FLIPPED`` images flipped, those whose
+    flips mostly go to one class give a target; the spread is the number of distinct targets over
+    the number of such classes. An all-to-all backdoor's trigger maps each class onto its own target
+    (spread 1); a clean model's sends nearly all to one class (1/K), or, varying, none consistently."""
+    flipped, where, judged = sent != labels, set(), 0
+    for c in labels.unique().tolist():
+        to = sent[flipped & (labels == c)]
+        if len(to) >= _MIN_FLIPPED:
+            judged += 1
+            counts = torch.bincount(to)
+            if 2 * counts.max() >= len(to):
+                where.add(int(counts.argmax()))
+    if judged < 2:
+        return 0.0, []
+    return len(where) / judged, sorted(where)
+
+
+@dataclass(frozen=True)
+class Untargeted:
+    """An untargeted trigger's evidence: its (first seed's) recovery, its spread, and the targets of
+    the all-to-all backdoor it shows ([] when it shows none)."""
+
+    recovery: RecoveryResult
+    spread: float
+    targets: list[int]
+
+
+def untargeted(
+    rerecover: Rerecover,
+    sent_by: Callable[[TriggerSet], tuple[torch.Tensor, torch.Tensor]],
+    config: Config,
+    tries: int,
+) -> Untargeted:
+    """Recover untargeted triggers with ``tries`` seeds: an all-to-all backdoor when each works and maps
+    the classes apart (its targets: those any seed reaches). ``sent_by(triggers)`` gives
+    (predictions [N], clean labels [N]) of held-out images stamped with them."""
+    d, first, found = config.detection, None, set()
+    for offset in range(tries):
+        again = rerecover([UNTARGETED], offset, None, None)
+        share, targets = spread(*sent_by(again.triggers))
+        first = first or Untargeted(again, share, [])
+        if float(again.success[0]) < d.min_attack_success or share < d.min_untargeted_spread:
+            return first
+        found |= set(targets)
+    return dataclasses.replace(first, targets=sorted(found))

@@ -19,6 +19,7 @@ from . import rng
 from .cost import Cost
 from .errors import DivergenceError, InputError
 from .recover import TriggerSet, families
+from .recover.triggers import UNTARGETED
 from .report_html import write_html
 
 # The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``.
@@ -56,16 +57,26 @@ class ScanReport:
     # Why the scan ended early (its budget ran out): then ``classes`` holds only the classes it finished,
     # none flagged, and ``flagged == []`` is no verdict.
     cut_short: str | None = None
+    # An all-to-all backdoor: ``triggers`` holds its one untargeted trigger, ``flagged`` the targets it reaches.
+    untargeted: bool = False
 
     @property
     def flagged(self) -> list[int]:
         """Sorted classes judged backdoored ([] for a clean model)."""
         return sorted(c.target for c in self.classes if c.flagged)
 
+    def flagged_triggers(self) -> TriggerSet:
+        """The recovered triggers an erase unlearns: the flagged classes', or the untargeted one."""
+        if self.untargeted:
+            return self.triggers
+        held = self.triggers.targets.tolist()
+        return self.triggers.select([held.index(t) for t in self.flagged])
+
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,
             "flagged": self.flagged,
+            "untargeted": self.untargeted,
             "cut_short": self.cut_short,
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
@@ -84,6 +95,8 @@ class ScanReport:
 
     def summary(self) -> str:
         verdict = f"backdoored: classes {self.flagged}" if self.flagged else "no backdoor found"
+        if self.untargeted:
+            verdict = f"backdoored, all-to-all: an untargeted trigger sends the classes to {self.flagged}"
         if self.cut_short:
             verdict = (
                 f"INCONCLUSIVE: cut short, {self.cut_short}; {len(self.classes)} of {self.num_classes} "
@@ -146,8 +159,9 @@ class ScanReport:
             config=cfg.to_dict(),
             seconds=seconds,
             provenance=provenance(inputs, backends),
-            triggers=recovery.triggers,
+            triggers=recovery.triggers if verdict.untargeted is None else verdict.untargeted,
             cost=cost,
+            untargeted=verdict.untargeted is not None,
         )
 
     @staticmethod
@@ -178,6 +192,7 @@ class ScanReport:
             triggers=triggers,
             cost=Cost.from_dict(scan.get("cost")),
             cut_short=scan.get("cut_short"),
+            untargeted=scan.get("untargeted", False),
         )
 
 
@@ -296,26 +311,24 @@ def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> N
     """Per class: the mask (mask family), one generated trigger and one stamped image."""
     triggers = report.triggers
     folder.mkdir()
+    n = min(8, len(images))
     with rng.seeded(0):  # the same pictures every time, and the caller's global RNG untouched
-        _, g = triggers.sample(8)
-        stamped = triggers.stamp(images[:8].to(g.device), g)
+        _, g = triggers.sample(max(n, 2))  # the generator's batch statistics need two samples
+        stamped = triggers.stamp(images[:n].to(g.device), g[:, :n])
     scale = max(1, 128 // max(report.image_shape[1:]))
     c, h, w = report.image_shape
     for i, target in enumerate(triggers.targets.tolist()):
-        _png(stamped[i, 0].cpu().numpy(), folder / f"class_{target}_stamped.png", scale)
+        name = "untargeted" if target == UNTARGETED else f"class_{target}"
+        _png(stamped[i, 0].cpu().numpy(), folder / f"{name}_stamped.png", scale)
         if triggers.family == "mask":
-            _png(
-                torch.sigmoid(triggers.mask_logits[i]).cpu().numpy(),
-                folder / f"class_{target}_mask.png",
-                scale,
-            )
-            _png(g[i, 0].view(c, h, w).cpu().numpy(), folder / f"class_{target}_pattern.png", scale)
+            _png(torch.sigmoid(triggers.mask_logits[i]).cpu().numpy(), folder / f"{name}_mask.png", scale)
+            _png(g[i, 0].view(c, h, w).cpu().numpy(), folder / f"{name}_pattern.png", scale)
         elif triggers.family == "warp":
             shift = triggers.displacement()[i : i + 1] / triggers.meta["max_shift"]
-            _png(shift.detach().cpu().numpy(), folder / f"class_{target}_displacement.png", scale)
+            _png(shift.detach().cpu().numpy(), folder / f"{name}_displacement.png", scale)
         else:
             p = triggers.meta["patch_size"]
-            _png(g[i, 0].view(c, p, p).cpu().numpy(), folder / f"class_{target}_patch.png", scale * 4)
+            _png(g[i, 0].view(c, p, p).cpu().numpy(), folder / f"{name}_patch.png", scale * 4)
 
 
 def write_outputs(

@@ -2,7 +2,7 @@
 
 from . import families
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
-from .recovery import RecoveryResult, attack_success, frozen, recover
+from .recovery import RecoveryResult, attack_success, frozen, recover, sent_to
 from .screen import Screened, recover_all
 from .triggers import TriggerSet
 from .warp import WarpSet
@@ -20,4 +20,5 @@ __all__ = [
     "mine_estimate",
     "recover",
     "recover_all",
+    "sent_to",
 ]

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import cost, ops, rng
@@ -20,7 +21,7 @@ from ..errors import DivergenceError
 from . import families, warp
 from .generator import mine_estimate
 from .memory import plan_chunk_size, trigger_bytes
-from .triggers import TriggerSet
+from .triggers import UNTARGETED, TriggerSet, reached
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
         keep = active.repeat_interleave(b)
         stamped, rows = stamped[keep], rows[keep]
     logits = cost.forward(forward, stamped)
-    hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
+    hinge = _attack(logits, rows, y.repeat(len(rows) // b), config.recovery.beta)
     attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
     surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
     mass = triggers.norms() / _area(images)
@@ -314,9 +315,20 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     if not torch.isfinite(loss):
         return None
     with torch.no_grad():
-        flipped = _rows((logits.argmax(1) == rows).float(), active, k, b)
+        flipped = _rows(reached(logits.argmax(1), rows, y.repeat(len(rows) // b)).float(), active, k, b)
         success = (flipped * weight).sum(1) / weight_sum
     return loss, success, attack.detach(), mass.detach()
+
+
+def _attack(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per triggered row: its target's probability, or for an untargeted row that of any class but
+    its own label, clipped at ``beta``."""
+    untargeted = rows == UNTARGETED
+    hinge, _ = ops.trigger_loss(logits, torch.where(untargeted, labels, rows), beta)
+    if not bool(untargeted.any()):
+        return hinge
+    away = 1 - F.softmax(logits.float(), 1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    return torch.where(untargeted, away.clamp(max=beta), hinge)
 
 
 def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -434,7 +446,8 @@ def attack_success(
     batch_size: int = 64,
     shift: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Share of images (label != target) that fresh triggers of each class flip to it: [K].
+    """Share of images (label != target) that fresh triggers of each class flip to it (an untargeted
+    trigger: away from their own label): [K].
     ``shift`` (rows, cols) first moves mask-family triggers (see ``TriggerSet.stamp``)."""
     k = len(triggers)
     hits = torch.zeros(k, device=images.device)
@@ -449,6 +462,20 @@ def attack_success(
         # A NaN/inf output proves nothing about the trigger: count it as a success, never as erased.
         broken = ~torch.isfinite(logits).all(1).view(k, -1)
         valid = y.unsqueeze(0) != triggers.targets.unsqueeze(1)
-        hits += (((pred == triggers.targets.unsqueeze(1)) | broken) & valid).sum(1)
+        hits += ((reached(pred, triggers.targets.unsqueeze(1), y.unsqueeze(0)) | broken) & valid).sum(1)
         counts += valid.sum(1)
     return hits / counts.clamp(min=1)
+
+
+@torch.no_grad()
+def sent_to(
+    triggers: TriggerSet, model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 64
+) -> torch.Tensor:
+    """The class a fresh trigger of each class sends each image to: [K, N]."""
+    sent = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        _, g = triggers.sample(max(len(x), 2))  # the generator's batch statistics need two samples
+        logits = cost.forward(model, triggers.stamp(x, g[:, : len(x)], mean, std).flatten(0, 1))
+        sent.append(logits.argmax(1).view(len(triggers), -1))
+    return torch.cat(sent, 1)

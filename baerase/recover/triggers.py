@@ -11,6 +11,15 @@ from torch import nn
 from .. import ops, rng
 from .generator import StatisticsNetwork, TriggerGenerator
 
+# The target of an untargeted trigger: it sends each image to any class but its own (an all-to-all backdoor).
+UNTARGETED = -1
+
+
+def reached(pred: torch.Tensor, aim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether triggered images' predictions ``pred`` are what their triggers aim at (broadcast with
+    ``aim`` and the clean ``labels``): the target, or for ``UNTARGETED`` any class but the image's own."""
+    return torch.where(aim == UNTARGETED, pred != labels, pred == aim)
+
 
 class Stacked(nn.Module):
     """A trigger family's per-class state, stacked along dim 0 of every tensor: what selecting,

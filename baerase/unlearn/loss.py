@@ -13,6 +13,7 @@ from .. import ops
 from ..config import Config, Unlearning
 from ..cost import forward
 from ..ops.reference import normalize_images
+from ..recover.triggers import UNTARGETED
 from .batch import TriggeredBatch
 
 
@@ -113,8 +114,10 @@ class UnlearnLoss:
             )
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
-        _, nll = ops.trigger_loss(triggered_logits, batch.targets, 1.0)
-        valid = (batch.true_labels != batch.targets).float()
+        untargeted = batch.targets == UNTARGETED
+        _, nll = ops.trigger_loss(triggered_logits, torch.where(untargeted, batch.true_labels, batch.targets), 1.0)
+        # An untargeted row has no target to push away from: relabelling alone unlearns it.
+        valid = ((batch.true_labels != batch.targets) & ~untargeted).float()
         # Each part is its own mean: the perturbations add to the triggers' unlearning, not dilute it.
         ascent = (
             (nll.clamp(max=self.cap) * valid).view(batch.parts, -1).sum(1)

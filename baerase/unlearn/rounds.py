@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .. import cost
-from ..detect import score_values, side_of, verify
+from ..detect import score_values, side_of, untargeted, verify
 from ..progress import progress
-from ..recover import families, frozen
+from ..recover import RecoveryResult, families, frozen, sent_to
+from ..recover.triggers import UNTARGETED
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
@@ -30,7 +31,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     ``rerecover_on(model, desc)`` gives the re-recovery of a model (see ``detect.Rerecover``)."""
     cfg, model, flagged = inputs.config, inputs.model, report.flagged
     _warn_small_guard(inputs)
-    triggers = report.triggers.to(inputs.device).select([report.triggers.targets.tolist().index(t) for t in flagged])
+    triggers = report.flagged_triggers().to(inputs.device)
     reference = _clean_reference(report)
     # The verification re-scan spends what the scan needed to find these classes' triggers.
     verify_steps = max((c.steps or cfg.recovery.steps) for c in report.classes if c.flagged)
@@ -63,13 +64,31 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
         history += [dict(row, round=round_) for row in outcome.history]
         current = outcome.model
         with cost.phase(spent, "verification"), frozen(current):
-            rescan, evidence, still = verify(
-                flagged, reference, rerecover_on(current, f"baerase verify (round {round_})"), cfg, steps=verify_steps
-            )
+            rerecover = rerecover_on(current, f"baerase verify (round {round_})")
+            if report.untargeted:
+                rescan, evidence, still = _verify_untargeted(inputs, current, rerecover)
+            else:
+                rescan, evidence, still = verify(flagged, reference, rerecover, cfg, steps=verify_steps)
         if not still.any():
             break
         triggers = families.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
     return _result(inputs, flagged, outcomes, history, evidence, bool(still.any()), spent)
+
+
+def _verify_untargeted(inputs: Inputs, model: nn.Module, rerecover) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
+    """A fresh untargeted trigger of the repaired ``model``: (its recovery, evidence, whether it still
+    maps the classes apart [1])."""
+    x, y = inputs.held_out
+    found = untargeted(rerecover, lambda t: (sent_to(t, model, x, inputs.mean, inputs.std)[0], y), inputs.config, 1)
+    evidence = {
+        "target": UNTARGETED,
+        "attack_success": float(found.recovery.success[0]),
+        "trigger_norm": float(found.recovery.norms[0]),
+        "anomaly_index": 0.0,
+        "spread": found.spread,
+        "backdoor_found": bool(found.targets),
+    }
+    return found.recovery, [evidence], torch.tensor([bool(found.targets)])
 
 
 def nothing_to_erase(inputs: Inputs) -> EraseResult:

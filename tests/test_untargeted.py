@@ -1,0 +1,152 @@
+"""The untargeted trigger (target ``UNTARGETED``): its recovery loss, where it sends images (spread),
+the report that carries an all-to-all finding, and the unlearning loss on its rows."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import baerase
+from baerase import Config
+from baerase.detect import spread
+from baerase.recover import TriggerSet, attack_success, recover, sent_to
+from baerase.recover.recovery import _attack
+from baerase.recover.triggers import UNTARGETED, reached
+from baerase.report import ClassResult, ScanReport
+from baerase.unlearn import UnlearnLoss
+from baerase.unlearn.batch import TriggeredBatch
+
+torch.set_num_threads(1)
+
+
+def test_reached_is_the_target_or_any_other_class_for_an_untargeted_trigger():
+    pred = torch.tensor([[2, 1, 0], [2, 1, 0]])
+    aims = torch.tensor([[2], [UNTARGETED]])
+    labels = torch.tensor([[2, 0, 0]])
+    assert reached(pred, aims, labels).tolist() == [[True, False, False], [False, True, False]]
+
+
+def test_the_untargeted_attack_is_the_clipped_probability_of_leaving_the_own_label():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    p_own = torch.softmax(logits, 1)[[0, 1], labels]
+    away = _attack(logits, torch.tensor([UNTARGETED, UNTARGETED]), labels, beta=0.5)
+    assert torch.allclose(away, (1 - p_own).clamp(max=0.5))
+    toward = _attack(logits, torch.tensor([1, UNTARGETED]), labels, beta=1.0)
+    assert torch.allclose(toward[0], torch.softmax(logits, 1)[0, 1])
+
+
+def test_spread_tells_a_permutation_from_a_universal_perturbation():
+    labels = torch.arange(4).repeat_interleave(5)
+    shifted = (labels + 1) % 4  # all-to-all: every class onto its own target
+    assert spread(shifted, labels) == (1.0, [0, 1, 2, 3])
+    one_sink = torch.full_like(labels, 2)  # a clean model's: everything to one class
+    share, targets = spread(one_sink, labels)
+    assert targets == [2] and share == pytest.approx(1 / 3)  # class 2's own images do not flip
+    scattered = torch.tensor([1, 2, 3, 1, 2] * 4)  # no class's flips go mostly to one place
+    assert spread(scattered, labels)[0] <= 0.5
+    few = labels.clone()
+    few[:3] = 1  # three flips from class 0 cannot say where it goes
+    assert spread(few, labels) == (0.0, [])
+
+
+class _AllToAll(nn.Module):
+    """Class = brightness quartile (smoothly); a bright top-left pixel adds one to it (mod 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = x[:, 0, 1:, :].mean((1, 2)) * 4 + 2.4 * torch.relu(x[:, 0, 0, 0] - 0.55)
+        centres = torch.arange(4, dtype=x.dtype) + 0.5
+        near = -8 * (level.unsqueeze(1) - centres) ** 2
+        wrapped = -8 * (level - 4.5) ** 2  # past the top quartile: class 0 again
+        return torch.cat([torch.maximum(near[:, :1], wrapped.unsqueeze(1)), near[:, 1:]], 1)
+
+
+def _quartile_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(n // 4)
+    x = ((labels.float() + 0.2 + 0.6 * torch.rand(len(labels), generator=g)) / 4).view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    x = x.clone()
+    x[:, :, 0, 0] = 0.6
+    return x, labels
+
+
+def test_an_untargeted_trigger_sends_each_class_onward_on_an_all_to_all_model():
+    x, y = _quartile_images(64)
+    model = _AllToAll()
+    triggers = TriggerSet([UNTARGETED], (1, 8, 8), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        triggers.mask_logits.fill_(-20)[0, 0, 0, 0] = 20  # just the corner pixel
+        last = triggers.generator.linears[-1]
+        last.weight.zero_()
+        last.bias.fill_(20)  # a white pattern
+    sent = sent_to(triggers, model, x)[0]
+    assert torch.equal(sent, (y + 1) % 4)
+    assert attack_success(triggers, model, x, y).item() == 1.0
+    assert spread(sent, y) == (1.0, [0, 1, 2, 3])
+
+
+def test_recovery_of_an_untargeted_trigger_sends_images_away_from_their_labels():
+    x, y = _quartile_images(64)
+    config = Config(steps=60, hidden=16, mine_hidden=8, batch_size=8, progress=False)
+    found = recover(_AllToAll(), (x, y), (x, y), [UNTARGETED], config)
+    assert found.targets == [UNTARGETED] and found.success[0] >= 0.5
+    sent = sent_to(found.triggers, _AllToAll(), x)[0]
+    assert (sent != y).float().mean() >= 0.5
+
+
+def _report(untargeted: bool) -> ScanReport:
+    classes = [ClassResult(t, 0.9, 10.0, 0.0, untargeted) for t in range(3)]
+    triggers = TriggerSet([UNTARGETED] if untargeted else [0, 1, 2], (1, 4, 4), hidden=8, mine_hidden=4)
+    return ScanReport(classes, 3, (1, 4, 4), "mask", "ref", Config().to_dict(), 0.0, triggers=triggers,
+                      untargeted=untargeted)  # fmt: skip
+
+
+def test_an_all_to_all_report_erases_its_untargeted_trigger_and_says_so(tmp_path):
+    report = _report(untargeted=True)
+    assert report.flagged_triggers().targets.tolist() == [UNTARGETED]
+    assert "all-to-all" in report.summary()
+    out = baerase.write_outputs(tmp_path / "a2a", report, torch.rand(4, 1, 4, 4))
+    assert json.loads((out / "report.json").read_text())["scan"]["untargeted"] is True
+    reloaded = ScanReport.load(out)
+    assert reloaded.untargeted and reloaded.flagged == [0, 1, 2]
+    assert reloaded.flagged_triggers().targets.tolist() == [UNTARGETED]
+    assert _report(untargeted=False).flagged_triggers().targets.tolist() == []
+
+
+def test_unlearning_relabels_untargeted_rows_and_pushes_no_target_away():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    anchor = [p.detach().clone() for p in net.parameters()]
+    labels = torch.tensor([0, 1, 2, 0])
+    batch = TriggeredBatch(
+        held=torch.arange(4),
+        images=torch.rand(4, 1, 4, 4),
+        labels=labels,
+        triggered=torch.rand(4, 1, 4, 4),
+        true_labels=labels,
+        targets=torch.full((4,), UNTARGETED),
+        parts=1,
+    )
+    loss = UnlearnLoss(Config(progress=False), torch.log_softmax(torch.zeros(4, 3), 1), anchor, 3)
+    terms = loss(net, batch, torch.Generator().manual_seed(0))
+    assert terms.valid.sum() == 0 and terms.ascent == 0
+    assert terms.relabel > 0 and torch.isfinite(terms.total)
+
+
+@pytest.mark.slow
+def test_an_all_to_all_backdoor_is_found_and_erased(one_thread):
+    from baerase.attacks import AllToAll, BadNets, train_backdoored
+    from baerase.data import load_mnist, split
+    from baerase.models import SmallCNN
+
+    x, y = load_mnist()
+    (tx, ty), (dx, dy), (ex, ey) = split(x, y, [0.7, 0.1, 0.2], seed=0)
+    a2a = AllToAll(BadNets(4, "corner", seed=1))
+    torch.manual_seed(0)
+    model = train_backdoored(SmallCNN(1, 10, 28), tx, ty, a2a.trigger, None, 0.1, mode="all_to_all", epochs=10)
+    assert a2a.success_rate(model, ex, ey) >= 0.7
+    report, result = baerase.audit(model, dx, dy)
+    assert report.untargeted and len(report.flagged) >= 5, "the classes go to at least half as many targets"
+    assert result.verified and a2a.success_rate(result.model, ex, ey) <= 0.05
+    accuracy = [(m(ex).argmax(1) == ey).float().mean().item() for m in (model, result.model)]
+    assert accuracy[1] >= accuracy[0] - 0.01
