@@ -291,6 +291,8 @@ def gallery_targets(report: ScanReport) -> list[int]:
     ``LEAST_SUSPICIOUS`` with the lowest anomaly index, among those whose triggers the report holds."""
     if report.triggers is None:
         return []
+    if report.untargeted:
+        return report.triggers.targets.tolist()
     held = set(report.triggers.targets.tolist())
     flagged = [t for t in report.flagged if t in held][:MOST_FLAGGED_PICTURED]
     calm = sorted(
@@ -308,20 +310,19 @@ def _gallery_section(report: ScanReport, images: torch.Tensor) -> str:
     by_class = {c.target: c for c in report.classes}
     figures = []
     for target in targets:
+        if report.untargeted:
+            caption = f"untargeted trigger (all-to-all backdoor): sends the classes to {report.flagged}"
+            figures.append(_figure(caption, "untargeted", pictures[target], "trigger flagged"))
+            continue
         c = by_class[target]
         kind = "flagged" if c.flagged else "least suspicious"
         caption = (
             f"class {target}: {kind}, anomaly index {_num(c.anomaly_index)}, attack success {c.attack_success:.0%}"
         )
-        tiles = "".join(
-            f'<div><img src="{uri}" alt="{_e(f"class {target} {name}")}">{_e(name)}</div>'
-            for name, uri in pictures[target]
-        )
-        css = "trigger flagged" if c.flagged else "trigger"
         figures.append(
-            f'<figure class="{css}"><figcaption>{_e(caption)}</figcaption><div class="row">{tiles}</div></figure>'
+            _figure(caption, f"class {target}", pictures[target], "trigger flagged" if c.flagged else "trigger")
         )
-    more = len([t for t in report.flagged if t not in targets])
+    more = 0 if report.untargeted else len([t for t in report.flagged if t not in targets])
     note = f'<p class="note">{more} more flagged classes are not pictured.</p>' if more else ""
     intro = {
         "mask": "Each recovered trigger: its mask and one generated pattern, and clean images stamped with it.",
@@ -331,6 +332,11 @@ def _gallery_section(report: ScanReport, images: torch.Tensor) -> str:
     return "\n".join(
         ["<h2>Recovered triggers</h2>", f"<p>{_e(intro)}</p>", note, '<div class="gallery">', *figures, "</div>"]
     )
+
+
+def _figure(caption: str, name: str, pictures: list[tuple[str, str]], css: str) -> str:
+    tiles = "".join(f'<div><img src="{uri}" alt="{_e(f"{name} {what}")}">{_e(what)}</div>' for what, uri in pictures)
+    return f'<figure class="{css}"><figcaption>{_e(caption)}</figcaption><div class="row">{tiles}</div></figure>'
 
 
 @torch.no_grad()

@@ -108,6 +108,7 @@ def test_an_all_to_all_report_erases_its_untargeted_trigger_and_says_so(tmp_path
     assert "all-to-all" in report.summary()
     out = baerase.write_outputs(tmp_path / "a2a", report, torch.rand(4, 1, 4, 4))
     assert json.loads((out / "report.json").read_text())["scan"]["untargeted"] is True
+    assert "untargeted trigger (all-to-all backdoor)" in (out / "report.html").read_text()
     reloaded = ScanReport.load(out)
     assert reloaded.untargeted and reloaded.flagged == [0, 1, 2]
     assert reloaded.flagged_triggers().targets.tolist() == [UNTARGETED]
