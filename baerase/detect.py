@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .recover import RecoveryResult, TriggerSet
-from .recover.triggers import UNTARGETED
+from .recover import UNTARGETED, RecoveryResult, TriggerSet
 
 # Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
 # config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
@@ -275,7 +274,8 @@ def untargeted(
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, None, None)
         share, targets = spread(*sent_by(again.triggers))
-        first = first or Untargeted(again, share, [])
+        if first is None:
+            first = Untargeted(again, share, [])
         if float(again.success[0]) < d.min_attack_success or share < d.min_untargeted_spread:
             return first
         found |= set(targets)

@@ -18,8 +18,7 @@ from torch import nn
 from . import rng
 from .cost import Cost
 from .errors import DivergenceError, InputError
-from .recover import TriggerSet, families
-from .recover.triggers import UNTARGETED
+from .recover import UNTARGETED, TriggerSet, families
 from .report_html import write_html
 
 # The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``.

@@ -4,10 +4,11 @@ from . import families
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
 from .recovery import RecoveryResult, attack_success, frozen, recover, sent_to
 from .screen import Screened, recover_all
-from .triggers import TriggerSet
+from .triggers import UNTARGETED, TriggerSet
 from .warp import WarpSet
 
 __all__ = [
+    "UNTARGETED",
     "RecoveryResult",
     "Screened",
     "StatisticsNetwork",

@@ -13,7 +13,7 @@ from .. import ops
 from ..config import Config, Unlearning
 from ..cost import forward
 from ..ops.reference import normalize_images
-from ..recover.triggers import UNTARGETED
+from ..recover import UNTARGETED
 from .batch import TriggeredBatch
 
 

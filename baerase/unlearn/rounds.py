@@ -12,8 +12,7 @@ from torch import nn
 from .. import cost
 from ..detect import score_values, side_of, untargeted, verify
 from ..progress import progress
-from ..recover import RecoveryResult, families, frozen, sent_to
-from ..recover.triggers import UNTARGETED
+from ..recover import UNTARGETED, RecoveryResult, families, frozen, sent_to
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
