@@ -117,6 +117,25 @@ def test_guard_bisects_back_toward_the_start_for_a_checkpoint_far_outside(bisect
         assert all(torch.allclose(k, torch.lerp(a, b, expected)) for k, a, b in zip(kept, start, end, strict=True))
 
 
+def test_guard_prefers_the_erased_point_that_keeps_more_of_its_unlearning():
+    net = linear()
+    g = guard(net, CFG.replace(asr_stop=1.0, bisections=3))  # every point within counts as erased
+    with torch.no_grad():
+        net[1].bias.add_(1e-3)
+    whole = [p.detach().clone() for p in net.parameters()]
+    early = g.score(20)
+    g.accept(early)
+    negate(net)
+    rows, _ = g.accept(g.score(30))  # kept at 3/8 of its step only: 11.25 steps unlearned, not 20
+    assert rows[1]["share"] == 0.375 and g.best is early
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), whole, strict=True):
+            p.copy_(w)
+    later = g.score(40)
+    g.accept(later)
+    assert g.best is later
+
+
 def test_guard_does_not_back_off_when_half_the_step_is_within():
     net = linear()
     g = guard(net, CFG.replace(asr_stop=1.0, bisections=1))

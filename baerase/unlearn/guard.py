@@ -146,12 +146,13 @@ class Guard:
             candidate, state = found
         allowed = self.within(candidate)
         erased = allowed and candidate["trigger_asr"] <= self.config.unlearning.asr_stop
-        # Once erased, prefer the later checkpoint: it has unlearned for longer (the margin).
-        better = (candidate["trigger_asr"], -candidate["clean_accuracy"]) < (
-            self.best["trigger_asr"],
-            -self.best["clean_accuracy"],
-        )
-        if erased or (allowed and better):
+        if erased and self.best["trigger_asr"] <= self.config.unlearning.asr_stop:
+            # Among erased points prefer the one unlearned for longer (the margin: the real trigger lags
+            # the recovered one): a later checkpoint, unless less of its update is kept.
+            keep = _unlearned(candidate) >= _unlearned(self.best)
+        else:
+            keep = erased or (allowed and _stronger(candidate, self.best))
+        if keep:
             self.best = candidate
             self.best_state = copy.deepcopy(self.model.state_dict()) if state is None else state
         self.erased_evals += erased
@@ -164,3 +165,13 @@ class Guard:
     def finished(self, step: int, budget: StepBudget) -> bool:
         """Erased for the margin and unlearned for the budget's least steps, or at its most."""
         return step >= budget.most or (self.erased_evals > self.settings.margin_evals and step >= budget.least)
+
+
+def _unlearned(row: dict) -> float:
+    """How far a scored point has unlearned: its step times the share of the update kept."""
+    return row["step"] * row.get("share", 1.0)
+
+
+def _stronger(row: dict, than: dict) -> bool:
+    """Lower trigger success, then higher accuracy."""
+    return (row["trigger_asr"], -row["clean_accuracy"]) < (than["trigger_asr"], -than["clean_accuracy"])
