@@ -190,54 +190,64 @@ def _store(inputs: Inputs, targets: list[int], stage: str) -> ChunkStore | None:
     return ChunkStore(folder, fingerprint)
 
 
-def _judge_families(
-    inputs: Inputs, targets: list[int], spent: cost.Cost
-) -> tuple[Inputs, Screened, Verdict, str | None]:
-    """``_judge`` with the configured family and, when the mask family flags nothing, with each of
-    ``config.recovery.fallback`` in turn: the first that flags gives the verdict (and the inputs whose
-    config names its family); otherwise the mask family's evidence stands."""
-    first = _judge(inputs, targets, spent)
-    if inputs.config.recovery.family != "mask" or first[1].flagged.any() or first[2] is not None:
-        return inputs, *first
-    for family in inputs.config.recovery.fallback:
-        if family == UNTARGETED_CHECK:
-            try:
-                verdict = _all_to_all(inputs, first[0], first[1], spent)
-            except cost.BudgetSpent as cut:
-                return inputs, first[0], first[1], cut.reason
-            if verdict.flagged.any():
-                return inputs, first[0], verdict, None
-            continue
-        other = dataclasses.replace(inputs, config=inputs.config.replace(family=family))
-        screened, verdict, reason = _judge(other, targets, spent)
-        if reason is not None:  # cut short before this family could answer: no verdict
-            return inputs, first[0], first[1], reason
-        if verdict.flagged.any() and family == "warp":
-            with cost.phase(spent, "confirmation"):
-                verdict = _specific_warps(other, screened, verdict)
-        if verdict.flagged.any():
-            return other, screened, verdict, None
-    return inputs, *first
+# A scan's answer: the inputs whose config names the verdict's family, every class's recovery, the
+# verdict, and why it was cut short (None: it ran to the end).
+Judged = tuple[Inputs, Screened, Verdict, str | None]
 
 
-def _all_to_all(inputs: Inputs, screened: Screened, verdict: Verdict, spent: cost.Cost) -> Verdict:
-    """``verdict`` (nothing flagged) with an all-to-all backdoor's targets and untargeted trigger
-    when the untargeted trigger of every seed maps the classes apart (``detect.untargeted``)."""
+def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Judged:
+    """``_judge`` with the configured family and, when the mask family flags nothing, each of
+    ``config.recovery.fallback`` in turn: the first that flags (or runs out of budget) gives the
+    answer; otherwise the mask family's evidence stands."""
+    first = (inputs, *_judge(inputs, targets, spent))
+    if inputs.config.recovery.family != "mask" or first[2].flagged.any() or first[3] is not None:
+        return first
+    for name in inputs.config.recovery.fallback:
+        if name == UNTARGETED_CHECK:
+            answer = _untargeted_fallback(first, spent)
+        else:
+            answer = _family_fallback(name, first, targets, spent)
+        if answer is not None:
+            return answer
+    return first
+
+
+def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost.Cost) -> Judged | None:
+    """The answer of ``family``'s recovery when it flags a class that its specificity test (if it has
+    one) keeps, or when it is cut short; None when it flags nothing."""
+    inputs, screened, verdict, _ = first
+    other = dataclasses.replace(inputs, config=inputs.config.replace(family=family))
+    found, found_verdict, reason = _judge(other, targets, spent)
+    if reason is not None:  # cut short before this family could answer: no verdict
+        return inputs, screened, verdict, reason
+    if found_verdict.flagged.any() and family in _SPECIFIC:
+        with cost.phase(spent, "confirmation"):
+            found_verdict = _SPECIFIC[family](other, found, found_verdict)
+    return (other, found, found_verdict, None) if found_verdict.flagged.any() else None
+
+
+def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
+    """``first`` with an all-to-all backdoor's targets and untargeted trigger when the untargeted
+    trigger of every seed maps the classes apart (``detect.untargeted``), or cut short; else None."""
+    inputs, screened, verdict, _ = first
     cfg = inputs.config
     x, y = inputs.held_out
 
     def sent_by(triggers) -> tuple[torch.Tensor, torch.Tensor]:
         return sent_to(triggers, inputs.model, x, inputs.mean, inputs.std)[0], y
 
-    with cost.phase(spent, "recovery"):
-        rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
-        found = untargeted(rerecover, sent_by, cfg, cfg.detection.confirmations + 1)
+    try:
+        with cost.phase(spent, "recovery"):
+            rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
+            found = untargeted(rerecover, sent_by, cfg, cfg.detection.confirmations + 1)
+    except cost.BudgetSpent as cut:
+        return inputs, screened, verdict, cut.reason
     targets = [t for t in found.targets if t in screened.recovery.targets]
     if not targets:
-        return verdict
+        return None
     flagged = torch.zeros_like(verdict.flagged)
     flagged[screened.recovery.rows(targets)] = True
-    return dataclasses.replace(verdict, flagged=flagged, untargeted=found.recovery.triggers)
+    return inputs, screened, dataclasses.replace(verdict, flagged=flagged, untargeted=found.recovery.triggers), None
 
 
 def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
@@ -252,6 +262,10 @@ def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Ver
         gain = warp.lift(warps, own, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
         keep[flagged] = gain.cpu() >= inputs.config.detection.min_warp_lift
     return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+
+
+# Per family: the test a flagged class must also pass (a backdoor answers one trigger, an easy class any).
+_SPECIFIC = {"warp": _specific_warps}
 
 
 def _stage(config: Config, stage: str) -> str:
