@@ -20,6 +20,15 @@ from baerase.unlearn.batch import TriggeredBatch
 torch.set_num_threads(1)
 
 
+def test_the_untargeted_check_is_a_fallback_that_can_be_ordered_or_left_out():
+    assert Config().recovery.fallback == ("warp", "untargeted")
+    assert Config(fallback=("untargeted",)).recovery.fallback == ("untargeted",)
+    with pytest.raises(baerase.ConfigError, match="untargeted"):
+        Config(fallback=("mask",))
+    with pytest.raises(baerase.ConfigError, match="min_untargeted_spread"):
+        Config(min_untargeted_spread=0.0)
+
+
 def test_reached_is_the_target_or_any_other_class_for_an_untargeted_trigger():
     pred = torch.tensor([[2, 1, 0], [2, 1, 0]])
     aims = torch.tensor([[2], [UNTARGETED]])
