@@ -15,7 +15,7 @@ from .config import UNTARGETED_CHECK, Config
 from .detect import Verdict, detect, untargeted
 from .errors import InputError
 from .progress import progress
-from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, sent_to, warp
+from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, warp
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
@@ -230,16 +230,11 @@ def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
     """``first`` with an all-to-all backdoor's targets and untargeted trigger when the untargeted
     trigger of every seed maps the classes apart (``detect.untargeted``), or cut short; else None."""
     inputs, screened, verdict, _ = first
-    cfg = inputs.config
-    x, y = inputs.held_out
-
-    def sent_by(triggers) -> tuple[torch.Tensor, torch.Tensor]:
-        return sent_to(triggers, inputs.model, x, inputs.mean, inputs.std)[0], y
-
+    tries = inputs.config.detection.confirmations + 1
     try:
         with cost.phase(spent, "recovery"):
             rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
-            found = untargeted(rerecover, sent_by, cfg, cfg.detection.confirmations + 1)
+            found = untargeted(rerecover, inputs.model, inputs.held_out, inputs.config, tries, inputs.mean, inputs.std)
     except cost.BudgetSpent as cut:
         return inputs, screened, verdict, cut.reason
     targets = [t for t in found.targets if t in screened.recovery.targets]

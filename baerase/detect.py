@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .config import Config
-from .recover import UNTARGETED, RecoveryResult, TriggerSet
+from .recover import UNTARGETED, RecoveryResult, TriggerSet, sent_to
 
 # Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
 # config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
@@ -263,17 +264,19 @@ class Untargeted:
 
 def untargeted(
     rerecover: Rerecover,
-    sent_by: Callable[[TriggerSet], tuple[torch.Tensor, torch.Tensor]],
+    model: nn.Module,
+    held_out: tuple[torch.Tensor, torch.Tensor],
     config: Config,
     tries: int,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
 ) -> Untargeted:
-    """Recover untargeted triggers with ``tries`` seeds: an all-to-all backdoor when each works and maps
-    the classes apart (its targets: those any seed reaches). ``sent_by(triggers)`` gives
-    (predictions [N], clean labels [N]) of held-out images stamped with them."""
-    d, first, found = config.detection, None, set()
+    """Recover untargeted triggers of ``model`` with ``tries`` seeds: an all-to-all backdoor when each
+    works and maps the ``held_out`` (images, labels) classes apart (its targets: those any seed reaches)."""
+    (x, y), d, first, found = held_out, config.detection, None, set()
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, None, None)
-        share, targets = spread(*sent_by(again.triggers))
+        share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)
         if first is None:
             first = Untargeted(again, share, [])
         if float(again.success[0]) < d.min_attack_success or share < d.min_untargeted_spread:

@@ -12,7 +12,7 @@ from torch import nn
 from .. import cost
 from ..detect import score_values, side_of, untargeted, verify
 from ..progress import progress
-from ..recover import UNTARGETED, RecoveryResult, families, frozen, sent_to
+from ..recover import UNTARGETED, RecoveryResult, families, frozen
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
@@ -77,8 +77,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
 def _verify_untargeted(inputs: Inputs, model: nn.Module, rerecover) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
     """A fresh untargeted trigger of the repaired ``model``: (its recovery, evidence, whether it still
     maps the classes apart [1])."""
-    x, y = inputs.held_out
-    found = untargeted(rerecover, lambda t: (sent_to(t, model, x, inputs.mean, inputs.std)[0], y), inputs.config, 1)
+    found = untargeted(rerecover, model, inputs.held_out, inputs.config, 1, inputs.mean, inputs.std)
     evidence = {
         "target": UNTARGETED,
         "attack_success": float(found.recovery.success[0]),
