@@ -85,6 +85,9 @@ class Recovery:
     # of these families is recovered in turn and the first that flags a class gives the verdict;
     # "untargeted" checks for an all-to-all backdoor with one untargeted mask trigger.
     fallback: tuple[str, ...] = ("warp", UNTARGETED_CHECK)
+    # The untargeted trigger is one trigger, so it can afford more steps: at 100 an MNIST all-to-all
+    # model's is a 340-420 px blob that maps only some classes onward; at 300, its 5-7 px backdoor.
+    untargeted_steps: int = 300
     warp_grid: int = 4  # control points per side of a warp's displacement field
     warp_max_shift: float = 3.0  # the largest displacement a warp may reach, in pixels
     warp_lr: float = 0.05  # Adam step size of the warps' control points
@@ -107,6 +110,7 @@ class Recovery:
                 "prescreen_batch",
                 "prescreen_keep",
                 "warp_grid",
+                "untargeted_steps",
             ),
         )
         if not isinstance(self.reference_sample, int) or self.reference_sample < 3:

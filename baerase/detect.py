@@ -275,7 +275,7 @@ def untargeted(
     works and maps the ``held_out`` (images, labels) classes apart (its targets: those any seed reaches)."""
     (x, y), d, first, found = held_out, config.detection, None, set()
     for offset in range(tries):
-        again = rerecover([UNTARGETED], offset, None, None)
+        again = rerecover([UNTARGETED], offset, config.recovery.untargeted_steps, None)
         share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)
         if first is None:
             first = Untargeted(again, share, [])
