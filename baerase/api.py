@@ -199,7 +199,7 @@ def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Jud
     """``_judge`` with the configured family and, when the mask family flags nothing, each of
     ``config.recovery.fallback`` in turn: the first that flags (or runs out of budget) gives the
     answer; otherwise the mask family's evidence stands."""
-    first = (inputs, *_judge(inputs, targets, spent))
+    first = (inputs, *_judge_family(inputs, targets, spent))
     if inputs.config.recovery.family != "mask" or first[2].flagged.any() or first[3] is not None:
         return first
     for name in inputs.config.recovery.fallback:
@@ -213,17 +213,26 @@ def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Jud
 
 
 def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost.Cost) -> Judged | None:
-    """The answer of ``family``'s recovery when it flags a class that its specificity test (if it has
-    one) keeps, or when it is cut short; None when it flags nothing."""
+    """The answer of ``family``'s recovery when it flags a class, or when it is cut short; None when it
+    flags nothing."""
     inputs, screened, verdict, _ = first
     other = dataclasses.replace(inputs, config=inputs.config.replace(family=family))
-    found, found_verdict, reason = _judge(other, targets, spent)
+    found, found_verdict, reason = _judge_family(other, targets, spent)
     if reason is not None:  # cut short before this family could answer: no verdict
         return inputs, screened, verdict, reason
-    if found_verdict.flagged.any() and family in _SPECIFIC:
-        with cost.phase(spent, "confirmation"):
-            found_verdict = _SPECIFIC[family](other, found, found_verdict)
     return (other, found, found_verdict, None) if found_verdict.flagged.any() else None
+
+
+def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
+    """``_judge``, and what the warp family adds: a flagged warp must be specific (``_specific_warps``),
+    and a median out of the warps' reach is measured with a wider one (``_beyond_reach``)."""
+    screened, verdict, reason = _judge(inputs, targets, spent)
+    if reason is not None or inputs.config.recovery.family != "warp":
+        return screened, verdict, reason
+    if not verdict.flagged.any():
+        return _beyond_reach(inputs, screened, verdict, spent)
+    with cost.phase(spent, "confirmation"):
+        return screened, _specific_warps(inputs, screened, verdict), None
 
 
 def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
@@ -259,8 +268,51 @@ def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Ver
     return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
 
 
-# Per family: the test a flagged class must also pass (a backdoor answers one trigger, an easy class any).
-_SPECIFIC = {"warp": _specific_warps}
+def _beyond_reach(
+    inputs: Inputs, screened: Screened, verdict: Verdict, spent: cost.Cost
+) -> tuple[Screened, Verdict, str | None]:
+    """Warps reach at most ``warp_max_shift`` pixels. When most reference classes lie beyond that, the
+    median is the reach itself, and a warp that works just inside it cannot show its shrink: those
+    classes are measured again with a quarter of the image side as reach, and the warps judged again."""
+    cfg, r = inputs.config, screened.recovery
+    reach, wide = cfg.recovery.warp_max_shift, min(inputs.fit[0].shape[-2:]) / 4
+    beyond = r.norms >= reach
+    rows = torch.ones_like(beyond) if screened.reference is None else screened.reference
+    if wide <= reach or 2 * int((beyond & rows).sum()) < int(rows.sum()):
+        return screened, verdict, None  # the median was measured
+    try:
+        with cost.phase(spent, "confirmation"):
+            suspects = _unproven_warps(inputs, screened, verdict, wide)
+        if not suspects.any():
+            return screened, verdict, None
+        with cost.phase(spent, "recovery"):
+            classes = [t for t, b in zip(r.targets, beyond.tolist(), strict=True) if b]
+            wider = dataclasses.replace(inputs, config=cfg.replace(warp_max_shift=wide))
+            again = _rerecover(wider, inputs.model, "baerase recovery (wider warps)")(classes, 0, None)
+        norms, success, at = r.norms.clone(), r.success.clone(), r.rows(classes)
+        norms[at], success[at] = again.norms, again.success
+        screened = dataclasses.replace(screened, recovery=dataclasses.replace(r, norms=norms, success=success))
+        with cost.phase(spent, "confirmation"):
+            rerecover = _rerecover(inputs, inputs.model, "baerase confirm")
+            verdict = detect(screened.recovery, rerecover, cfg, screened.reference, screened.recovered)
+    except cost.BudgetSpent as cut:
+        return screened, verdict, cut.reason
+    return screened, dataclasses.replace(verdict, flagged=verdict.flagged & suspects), None
+
+
+def _unproven_warps(inputs: Inputs, screened: Screened, verdict: Verdict, wide: float) -> torch.Tensor:
+    """The classes [K] an out-of-reach median keeps from being flagged: outliers whose warps work, are
+    specific (``_specific_warps``) and small enough to show the shrink against a median of ``wide``."""
+    r, d = screened.recovery, inputs.config.detection
+    reach = inputs.config.recovery.warp_max_shift
+    size = r.norms * d.min_trigger_shrink
+    suspects = (verdict.index > d.anomaly_threshold) & (r.success >= d.min_attack_success)
+    suspects &= (size > reach) & (size <= wide)
+    if screened.recovered is not None:
+        suspects &= screened.recovered
+    if not suspects.any():
+        return suspects
+    return _specific_warps(inputs, screened, dataclasses.replace(verdict, flagged=suspects)).flagged
 
 
 def _stage(config: Config, stage: str) -> str:

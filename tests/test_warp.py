@@ -77,6 +77,39 @@ def test_recovery_finds_the_warp_a_model_answers_and_counts_its_images():
     assert gain.item() >= 0.5  # a coherent shift; random warps of its size are not
 
 
+class CentroidClasses(nn.Module):
+    """Class 0, unless the brightness centroid moves ``right`` pixels right (class 1), or ``far`` pixels
+    left, down or up (classes 2-4)."""
+
+    def __init__(self, right: float, far: float) -> None:
+        super().__init__()
+        self.right, self.far = right, far
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        mass = x.sum(1).clamp(min=0)
+        total = mass.sum((1, 2)).clamp(min=1e-6)
+        cx = (mass.sum(1) * (torch.arange(w, dtype=x.dtype) - (w - 1) / 2)).sum(1) / total
+        cy = (mass.sum(2) * (torch.arange(h, dtype=x.dtype) - (h - 1) / 2)).sum(1) / total
+        moved = torch.stack((cx - self.right, -cx - self.far, cy - self.far, -cy - self.far), 1)
+        return torch.cat((torch.zeros_like(cx).unsqueeze(1), 4 * moved), 1)
+
+
+@pytest.mark.parametrize(("right", "flagged"), [(1.2, [1]), (2.2, [])])
+def test_a_median_out_of_reach_is_measured_with_a_wider_reach(right, flagged):
+    # At the 3 px reach the classes 6 px away are censored at 3, where no warp of 1-3 px is 3x below the
+    # median; with a reach of a quarter of the side they are measured (about 4.5 px): 1.2 px is, 2.2 px is not.
+    g = torch.Generator().manual_seed(3)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    centre = 15.5 + torch.rand(128, 2, generator=g) * 2 - 1
+    x = torch.exp(-((ys - centre[:, 0, None, None]) ** 2 + (xs - centre[:, 1, None, None]) ** 2) / 100).unsqueeze(1)
+    config = baerase.Config(family="warp", fallback=(), progress=False)
+    report = baerase.scan(CentroidClasses(right, far=6.0), x, torch.zeros(128, dtype=torch.long), config=config)
+    norms = [c.trigger_norm for c in report.classes]
+    assert norms[1] < 3.0 and all(3.0 < n < 8.0 for n in norms[2:])
+    assert report.flagged == flagged
+
+
 def test_fallback_names_only_other_families():
     with pytest.raises(ConfigError, match="fallback"):
         baerase.Config(fallback=("mask",))

@@ -17,6 +17,10 @@ from .. import cost, ops, rng
 from ..ops.reference import normalize_images
 from .triggers import Stacked
 
+# Unlearning scales a recovered warp by up to this factor: recovery finds the smallest warp that works,
+# which can be a quarter of the attacker's.
+_MAX_GROWTH = 8.0
+
 
 class WarpSet(Stacked):
     """One warp per candidate class, stacked along dim 0. Displacements are ``max_shift * tanh``
@@ -51,12 +55,12 @@ class WarpSet(Stacked):
     def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, spread: int = 0, **_) -> torch.Tensor:
         """Warp x [B, C, H, W] by each class's control points g [K, B, 2, grid, grid] -> normalised
         [K, B, C, H, W]. A warp has no position (the mask family's ``shift`` does not apply); with
-        ``spread`` each sample's warp is scaled by a random factor in [1, 2): recovery finds the smallest
-        warp that works, and unlearning must also cover the attacker's larger one."""
+        ``spread`` each sample's warp is scaled by a random factor in [1, 8), log-uniform: recovery finds the
+        smallest warp that works, and unlearning must also cover the attacker's larger one."""
         k, b = g.shape[:2]
         if spread:
             grow = torch.rand(k, b, 1, 1, 1, device=g.device, generator=rng.generator(g.device))
-            g = g * (1 + grow)
+            g = g * _MAX_GROWTH**grow
         h, w = x.shape[-2:]
         field = F.interpolate(g.flatten(0, 1), size=(h, w), mode="bicubic", align_corners=True)
         scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device).view(1, 2, 1, 1)
