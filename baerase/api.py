@@ -273,7 +273,8 @@ def _beyond_reach(
 ) -> tuple[Screened, Verdict, str | None]:
     """Warps reach at most ``warp_max_shift`` pixels. When most reference classes lie beyond that, the
     median is the reach itself, and a warp that works just inside it cannot show its shrink: those
-    classes are measured again with a quarter of the image side as reach, and the warps judged again."""
+    reference classes are measured again with a quarter of the image side as reach, and the warps
+    judged again."""
     cfg, r = inputs.config, screened.recovery
     reach, wide = cfg.recovery.warp_max_shift, min(inputs.fit[0].shape[-2:]) / 4
     beyond = r.norms >= reach
@@ -286,7 +287,7 @@ def _beyond_reach(
         if not suspects.any():
             return screened, verdict, None
         with cost.phase(spent, "recovery"):
-            classes = [t for t, b in zip(r.targets, beyond.tolist(), strict=True) if b]
+            classes = [t for t, b in zip(r.targets, (beyond & rows).tolist(), strict=True) if b]
             wider = dataclasses.replace(inputs, config=cfg.replace(warp_max_shift=wide))
             again = _rerecover(wider, inputs.model, "baerase recovery (wider warps)")(classes, 0, None)
         norms, success, at = r.norms.clone(), r.success.clone(), r.rows(classes)
