@@ -277,9 +277,9 @@ def _beyond_reach(
     judged again."""
     cfg, r = inputs.config, screened.recovery
     reach, wide = cfg.recovery.warp_max_shift, min(inputs.fit[0].shape[-2:]) / 4
-    beyond = r.norms >= reach
-    rows = torch.ones_like(beyond) if screened.reference is None else screened.reference
-    if wide <= reach or 2 * int((beyond & rows).sum()) < int(rows.sum()):
+    rows = torch.ones_like(r.norms, dtype=torch.bool) if screened.reference is None else screened.reference
+    beyond = (r.norms >= reach) & rows
+    if wide <= reach or 2 * int(beyond.sum()) < int(rows.sum()):
         return screened, verdict, None  # the median was measured
     try:
         with cost.phase(spent, "confirmation"):
@@ -287,15 +287,13 @@ def _beyond_reach(
         if not suspects.any():
             return screened, verdict, None
         with cost.phase(spent, "recovery"):
-            classes = [t for t, b in zip(r.targets, (beyond & rows).tolist(), strict=True) if b]
+            classes = [t for t, b in zip(r.targets, beyond.tolist(), strict=True) if b]
             wider = dataclasses.replace(inputs, config=cfg.replace(warp_max_shift=wide))
             again = _rerecover(wider, inputs.model, "baerase recovery (wider warps)")(classes, 0, None)
         norms, success, at = r.norms.clone(), r.success.clone(), r.rows(classes)
         norms[at], success[at] = again.norms, again.success
         screened = dataclasses.replace(screened, recovery=dataclasses.replace(r, norms=norms, success=success))
-        with cost.phase(spent, "confirmation"):
-            rerecover = _rerecover(inputs, inputs.model, "baerase confirm")
-            verdict = detect(screened.recovery, rerecover, cfg, screened.reference, screened.recovered)
+        verdict = _confirmed(inputs, screened, spent)
     except cost.BudgetSpent as cut:
         return screened, verdict, cut.reason
     return screened, dataclasses.replace(verdict, flagged=verdict.flagged & suspects), None
@@ -314,6 +312,13 @@ def _unproven_warps(inputs: Inputs, screened: Screened, verdict: Verdict, wide: 
     if not suspects.any():
         return suspects
     return _specific_warps(inputs, screened, dataclasses.replace(verdict, flagged=suspects)).flagged
+
+
+def _confirmed(inputs: Inputs, screened: Screened, spent: cost.Cost) -> Verdict:
+    """The verdict on ``screened``: its anomalies, each kept only if seeded re-recoveries find it again."""
+    with cost.phase(spent, "confirmation"):
+        rerecover = _rerecover(inputs, inputs.model, "baerase confirm")
+        return detect(screened.recovery, rerecover, inputs.config, screened.reference, screened.recovered)
 
 
 def _stage(config: Config, stage: str) -> str:
@@ -344,10 +349,7 @@ def _judge(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screen
                 on_step=bar.update,
                 store_for=lambda stage: finished.wrap(stage, _store(inputs, targets, _stage(config, stage))),
             )
-        with cost.phase(spent, "confirmation"):
-            rerecover = _rerecover(inputs, model, "baerase confirm")
-            verdict = detect(screened.recovery, rerecover, config, screened.reference, screened.recovered)
-        return screened, verdict, None
+        return screened, _confirmed(inputs, screened, spent), None
     except cost.BudgetSpent as cut:
         screened = finished.screened(inputs) if screened is None else screened
         verdict, suspects = budget.no_verdict(screened, config)
