@@ -15,7 +15,7 @@ from .config import UNTARGETED_CHECK, Config
 from .detect import Verdict, detect, untargeted
 from .errors import InputError
 from .progress import progress
-from .recover import RecoveryResult, Screened, attack_success, frozen, recover, recover_all, warp
+from .recover import RecoveryResult, Screened, attack_success, blend, frozen, recover, recover_all, warp
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
@@ -203,6 +203,8 @@ def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Jud
     if inputs.config.recovery.family != "mask" or first[2].flagged.any() or first[3] is not None:
         return first
     for name in inputs.config.recovery.fallback:
+        if name == "blend" and inputs.images.shape[1] != 1:
+            continue  # on colour images a grey blend reaches a greyish clean class as cheaply as a filter
         if name == UNTARGETED_CHECK:
             answer = _untargeted_fallback(first, spent)
         else:
@@ -224,11 +226,16 @@ def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost
 
 
 def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
-    """``_judge``, and what the warp family adds: a flagged warp must be specific (``_specific_warps``),
-    and a median out of the warps' reach is measured with a wider one (``_beyond_reach``)."""
+    """``_judge``, and what the warp and blend families add: a flagged warp must be specific
+    (``_specific_warps``), and a median out of the warps' reach is measured with a wider one
+    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``)."""
     screened, verdict, reason = _judge(inputs, targets, spent)
-    if reason is not None or inputs.config.recovery.family != "warp":
+    family = inputs.config.recovery.family
+    if reason is not None or family not in ("warp", "blend"):
         return screened, verdict, reason
+    if family == "blend":
+        with cost.phase(spent, "confirmation"):
+            return screened, _caused_blends(inputs, screened, verdict), None
     if not verdict.flagged.any():
         return _beyond_reach(inputs, screened, verdict, spent)
     with cost.phase(spent, "confirmation"):
@@ -236,14 +243,17 @@ def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple
 
 
 def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
-    """``first`` with an all-to-all backdoor's targets and untargeted trigger when the untargeted
-    trigger of every seed maps the classes apart (``detect.untargeted``), or cut short; else None."""
+    """``first`` with an all-to-all backdoor's targets and untargeted trigger when an untargeted trigger
+    maps the classes apart (``detect.untargeted``), or cut short; else None."""
     inputs, screened, verdict, _ = first
     tries = inputs.config.detection.confirmations + 1
     try:
         with cost.phase(spent, "recovery"):
             rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
-            found = untargeted(rerecover, inputs.model, inputs.held_out, inputs.config, tries, inputs.mean, inputs.std)
+            reference = float(screened.recovery.norms.median())
+            found = untargeted(
+                rerecover, inputs.model, inputs.held_out, inputs.config, tries, reference, inputs.mean, inputs.std
+            )
     except cost.BudgetSpent as cut:
         return inputs, screened, verdict, cut.reason
     targets = [t for t in found.targets if t in screened.recovery.targets]
@@ -265,6 +275,19 @@ def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Ver
         own = screened.recovery.success[flagged].to(x.device)
         gain = warp.lift(warps, own, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
         keep[flagged] = gain.cpu() >= inputs.config.detection.min_warp_lift
+    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+
+
+def _caused_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
+    """``verdict`` keeping only the blends that flip ``detection.min_attack_success`` more of the held-out
+    images than the clean images reach their class unblended: a model that already sends most images
+    to one class (an untrained one) shows a tiny blend there that changes nothing."""
+    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
+    if len(flagged) and screened.recovery.triggers is not None:  # under torchrun only rank 0 holds them
+        x, y = inputs.held_out
+        unblended = blend.unblended(screened.recovery.triggers.select(flagged))
+        already = attack_success(unblended, inputs.model, x, y, inputs.mean, inputs.std).cpu()
+        keep[flagged] = screened.recovery.success[flagged] - already >= inputs.config.detection.min_attack_success
     return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
 
 

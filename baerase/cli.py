@@ -269,7 +269,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--family",
         choices=list(FAMILIES),
-        help="trigger family (mask, the default, falls back to warp when it flags nothing)",
+        help="trigger family (mask, the default, falls back to warp, then blend, when it flags nothing)",
     )
     p.add_argument("--classes", help="comma-separated candidate target classes (default: all)")
     p.add_argument("--backend", choices=["auto", "triton", "cpp", "ref"], help="force a compute backend")

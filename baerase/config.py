@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
-FAMILIES = ("mask", "patch", "warp")
+FAMILIES = ("mask", "patch", "warp", "blend")
 UNTARGETED_CHECK = "untargeted"  # a fallback: one untargeted mask trigger, for an all-to-all backdoor
 BACKENDS = (None, "auto", "triton", "cpp", "ref")
 
@@ -44,7 +44,8 @@ def _in_range(
 class Recovery:
     """Step 1: one entropy-maximising trigger generator per candidate class, batched."""
 
-    family: str = "mask"  # "mask": x + m*(p - x) over the image; "patch": h x w patch at random positions
+    family: str = "mask"  # "mask": x + m*(p - x) over the image; "patch": h x w patch at random positions;
+    # "warp": a smooth displacement field; "blend": a whole-image blend toward one grey level
     patch_size: int = 3
     steps: int = 100  # optimisation steps per candidate
     batch_size: int = 12  # clean images per candidate per step
@@ -81,16 +82,22 @@ class Recovery:
     prescreen_keep: int = 10
     prescreen_share: float = 0.025
     reference_sample: int = 16
-    # A whole-image transformation (a warp) has no small mask: when the mask family flags nothing, each
+    # A whole-image transformation (a warp, a filter) has no small mask: when the mask family flags nothing, each
     # of these families is recovered in turn and the first that flags a class gives the verdict;
-    # "untargeted" checks for an all-to-all backdoor with one untargeted mask trigger.
-    fallback: tuple[str, ...] = ("warp", UNTARGETED_CHECK)
+    # "blend" runs on greyscale images only; "untargeted" checks for an all-to-all backdoor.
+    fallback: tuple[str, ...] = ("warp", "blend", UNTARGETED_CHECK)
     # The untargeted trigger is one trigger, so it can afford more steps: at 100 an MNIST all-to-all
     # model's is a 340-420 px blob that maps only some classes onward; at 300, its 5-7 px backdoor.
     untargeted_steps: int = 300
+    # Weight of the untargeted trigger's push to spread its batch over many classes: without it a
+    # colour10 all-to-all model's trigger is a universal perturbation toward one class (sink), with it
+    # the backdoor's y -> y+1 map (12-20 px on most seeds).
+    untargeted_diversity: float = 0.5
     warp_grid: int = 4  # control points per side of a warp's displacement field
     warp_max_shift: float = 3.0  # the largest displacement a warp may reach, in pixels
     warp_lr: float = 0.05  # Adam step size of the warps' control points
+    blend_max_strength: float = 0.95  # the strongest whole-image blend toward a grey level (blend family)
+    blend_lr: float = 0.05  # Adam step size of the blends' strength and level logits
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -123,6 +130,9 @@ class Recovery:
         if self.latent_dim < 4:
             raise ConfigError("latent_dim must be at least 4 (it is split over the generator's 4 layers)")
         _in_range(self, ("lr", "mask_lr", "warp_lr", "warp_max_shift"), 0, float("inf"), open_low=True)
+        _in_range(self, ("untargeted_diversity",), 0, float("inf"))
+        _in_range(self, ("blend_lr",), 0, float("inf"), open_low=True)
+        _in_range(self, ("blend_max_strength",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("alpha", "noise_std", "mask_cost"), 0, float("inf"))
         _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
@@ -146,6 +156,9 @@ class Detection:
     # A 3x3 backdoor trigger recovers 10-20x smaller, a 7x7 one about 4x; an easy-to-reach clean
     # class can be 2-2.5x smaller and still sit past the threshold when its neighbours cluster tightly.
     min_trigger_shrink: float = 3.0
+    # Blend family: the bar instead of min_trigger_shrink. Clean MNIST classes reached by a blend (a digit
+    # faded into a bar or a loop) sit up to 2.7x below the median; the filter backdoors 10-12x.
+    min_blend_shrink: float = 6.0
     eval_samples: int = 256  # held-out images used to score each class
     val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
     confirmations: int = 2  # independently seeded re-recoveries that must each reproduce a flag
@@ -155,8 +168,9 @@ class Detection:
     # Warp family: a flagged warp must flip this much larger a share of held-out images than random smooth
     # warps of its size (a clean colour class reached by a 0.8 px warp: 0.01-0.04; WaNet backdoors 0.48-0.71).
     min_warp_lift: float = 0.25
-    # The "untargeted" fallback: an untargeted trigger whose flipped classes go to at least this share of
-    # distinct targets is an all-to-all backdoor (MNIST y -> y+1: 1.0; clean models' 0.1-0.3).
+    # The "untargeted" fallback: an untargeted trigger smaller than the targeted ones' median that maps at
+    # least this share of the classes onto distinct targets is an all-to-all backdoor (MNIST and colour10
+    # y -> y+1: 0.9-1.0; clean models, whose spreading triggers also cover 40-65% of the image: 0.1-0.4).
     min_untargeted_spread: float = 0.5
 
     def __post_init__(self) -> None:
@@ -165,7 +179,7 @@ class Detection:
         _in_range(self, ("min_warp_lift",), 0, 1)
         _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
-        _in_range(self, ("min_trigger_shrink", "verify_shrink"), 1, float("inf"))
+        _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink"), 1, float("inf"))
         if not isinstance(self.confirmations, int) or self.confirmations < 0:
             raise ConfigError(f"confirmations must be an integer >= 0, got {self.confirmations!r}")
 

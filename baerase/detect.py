@@ -4,9 +4,10 @@ A class is flagged when its trigger is an anomaly among the classes' triggers (f
 flagged only if independently seeded re-recoveries find it again (confirm). After an erase, the
 same judgement on a fresh recovery tells whether a backdoor is still there (verify).
 
-When no class is flagged, one untargeted trigger (sending each image to any class but its own) tells an
-all-to-all backdoor apart: it maps the classes onto distinct targets, where on a clean model it is a
-universal perturbation that sends nearly every image to one class (``untargeted``).
+When no class is flagged, an untargeted trigger (sending each image to any class but its own, and
+spreading its batch over the classes) tells an all-to-all backdoor apart: it is small and maps the
+classes onto distinct targets, where on a clean model it must cover much of the image to spread, and
+still sends most classes nowhere consistent (``untargeted``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ class Verdict:
     untargeted: TriggerSet | None = None  # an all-to-all backdoor's trigger; then ``flagged`` marks its targets
 
 
+def min_shrink(config: Config) -> float:
+    """How many times below the reference median a flagged class's trigger must be: a blend answers
+    its own, stricter bar (``detection.min_blend_shrink``)."""
+    d = config.detection
+    return d.min_blend_shrink if config.recovery.family == "blend" else d.min_trigger_shrink
+
+
 def judge(
     recovery: RecoveryResult, reference: torch.Tensor, config: Config, min_shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +162,7 @@ def detect(
             d.anomaly_threshold,
             d.min_attack_success,
             side,
-            d.min_trigger_shrink,
+            min_shrink(config),
             values[rows],
         )
         & eligible
@@ -168,9 +176,9 @@ def detect(
         suspects = torch.nonzero(flagged).flatten()
         if len(suspects) == 0:
             break
-        found_again = _found_by_mass(reference, config, config.detection.min_trigger_shrink)
+        found_again = _found_by_mass(reference, config, min_shrink(config))
         again = rerecover([recovery.targets[i] for i in suspects.tolist()], offset, None, found_again)
-        found_index, found = judge(again, reference, config, config.detection.min_trigger_shrink)
+        found_index, found = judge(again, reference, config, min_shrink(config))
         confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
         flagged[suspects] = found
     return Verdict(index, flagged, confirmation)
@@ -185,7 +193,7 @@ def verify(
     must also shrink ``config.detection.verify_shrink`` times below their median to count as still there.
     Returns (recovery, per-class evidence, still-backdoored bool [len(targets)]).
     """
-    shrink = max(config.detection.min_trigger_shrink, config.detection.verify_shrink)
+    shrink = max(min_shrink(config), config.detection.verify_shrink)
     again = rerecover(targets, 0, steps, _found_by_mass(reference, config, shrink))
     index, found = judge(again, reference, config, shrink)
     evidence = [
@@ -235,21 +243,21 @@ _MIN_FLIPPED = 4
 
 def spread(sent: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[int]]:
     """(spread, targets) of an untargeted trigger from where it sends held-out images (``sent`` [N],
-    clean ``labels`` [N]). Of the classes with at least ``_MIN_FLIPPED`` images flipped, those whose
-    flips mostly go to one class give a target; the spread is the number of distinct targets over
-    the number of such classes. An all-to-all backdoor's trigger maps each class onto its own target
-    (spread 1); a clean model's sends nearly all to one class (1/K), or, varying, none consistently."""
-    flipped, where, judged = sent != labels, set(), 0
-    for c in labels.unique().tolist():
+    clean ``labels`` [N]). A class whose flipped images (at least ``_MIN_FLIPPED``) mostly go to one
+    class gives a target; the spread is the number of distinct targets over the number of classes.
+    An all-to-all backdoor's trigger maps each class onto its own target (spread near 1); a clean
+    model's sends nearly all to one class, or, varying, a few classes consistently."""
+    flipped, where = sent != labels, set()
+    classes = labels.unique().tolist()
+    for c in classes:
         to = sent[flipped & (labels == c)]
         if len(to) >= _MIN_FLIPPED:
-            judged += 1
             counts = torch.bincount(to)
             if 2 * counts.max() >= len(to):
                 where.add(int(counts.argmax()))
-    if judged < 2:
+    if len(classes) < 2:
         return 0.0, []
-    return len(where) / judged, sorted(where)
+    return len(where) / len(classes), sorted(where)
 
 
 @dataclass(frozen=True)
@@ -268,18 +276,21 @@ def untargeted(
     held_out: tuple[torch.Tensor, torch.Tensor],
     config: Config,
     tries: int,
+    reference_mass: float,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
 ) -> Untargeted:
-    """Recover untargeted triggers of ``model`` with ``tries`` seeds: an all-to-all backdoor when each
-    works and maps the ``held_out`` (images, labels) classes apart (its targets: those any seed reaches)."""
-    (x, y), d, first, found = held_out, config.detection, None, set()
+    """Recover untargeted triggers of ``model`` with up to ``tries`` seeds: an all-to-all backdoor when
+    one works, maps the ``held_out`` (images, labels) classes apart, and is smaller than
+    ``reference_mass`` (the targeted triggers' median: a clean model's spreading trigger covers much
+    of the image). Its targets: the classes it reaches."""
+    (x, y), d, first = held_out, config.detection, None
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, config.recovery.untargeted_steps, None)
         share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)
-        if first is None:
-            first = Untargeted(again, share, [])
-        if float(again.success[0]) < d.min_attack_success or share < d.min_untargeted_spread:
-            return first
-        found |= set(targets)
-    return dataclasses.replace(first, targets=sorted(found))
+        found = Untargeted(again, share, targets)
+        first = first or dataclasses.replace(found, targets=[])
+        works = float(again.success[0]) >= d.min_attack_success and float(again.norms[0]) < reference_mass
+        if works and share >= d.min_untargeted_spread:
+            return found
+    return first

@@ -325,6 +325,8 @@ def _trigger_images(report: ScanReport, images: torch.Tensor, folder: Path) -> N
         elif triggers.family == "warp":
             shift = triggers.displacement()[i : i + 1] / triggers.meta["max_shift"]
             _png(shift.detach().cpu().numpy(), folder / f"{name}_displacement.png", scale)
+        elif triggers.family == "blend":
+            _png(g[i, 0, 1].expand(c, h, w).cpu().numpy(), folder / f"{name}_level.png", scale)
         else:
             p = triggers.meta["patch_size"]
             _png(g[i, 0].view(c, p, p).cpu().numpy(), folder / f"{name}_patch.png", scale * 4)

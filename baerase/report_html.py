@@ -122,7 +122,9 @@ def _classes_section(report: ScanReport) -> str:
     shown, omitted = shown_classes(report)
     threshold = float(report.config.get("detection", {}).get("anomaly_threshold", 2.0))
     confirm = any(c.confirmation_index is not None for c in shown)
-    mass = {"mask": "trigger mass (px)", "warp": "mean displacement (px)"}.get(report.family, "patch area (px)")
+    mass = {"mask": "trigger mass (px)", "warp": "mean displacement (px)", "blend": "attenuation"}.get(
+        report.family, "patch area (px)"
+    )
     head = ["class", "anomaly index", mass, "attack success", *(["confirmation index"] if confirm else []), "flagged"]
     rows = []
     for c in shown:
@@ -328,6 +330,7 @@ def _gallery_section(report: ScanReport, images: torch.Tensor) -> str:
         "mask": "Each recovered trigger: its mask and one generated pattern, and clean images stamped with it.",
         "warp": "Each recovered warp: how far it moves each pixel (white: the most allowed), and warped clean images.",
         "patch": "Each recovered trigger: one generated patch, and clean images stamped with it at random places.",
+        "blend": "Each recovered blend: the grey level it blends every pixel toward, and blended clean images.",
     }[report.family]
     return "\n".join(
         ["<h2>Recovered triggers</h2>", f"<p>{_e(intro)}</p>", note, '<div class="gallery">', *figures, "</div>"]
@@ -358,6 +361,8 @@ def _trigger_pictures(report: ScanReport, targets: list[int], images: torch.Tens
             tiles = [("mask", torch.sigmoid(picked.mask_logits[i])), ("pattern", g[i, 0].view(c, h, w))]
         elif picked.family == "warp":
             tiles = [("displacement", picked.displacement()[i : i + 1] / picked.meta["max_shift"])]
+        elif picked.family == "blend":
+            tiles = [("grey level", g[i, 0, 1].expand(c, h, w))]
         else:
             p = picked.meta["patch_size"]
             tiles = [("patch", g[i, 0].view(c, p, p))]

@@ -9,9 +9,9 @@ from torch import nn
 
 import baerase
 from baerase import Config
-from baerase.detect import spread
-from baerase.recover import TriggerSet, attack_success, recover, sent_to
-from baerase.recover.recovery import _attack
+from baerase.detect import spread, untargeted
+from baerase.recover import RecoveryResult, TriggerSet, attack_success, recover, sent_to
+from baerase.recover.recovery import _attack, _spread_over_classes
 from baerase.recover.triggers import UNTARGETED, reached
 from baerase.report import ClassResult, ScanReport
 from baerase.unlearn import UnlearnLoss
@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 
 def test_the_untargeted_check_is_a_fallback_that_can_be_ordered_or_left_out():
-    assert Config().recovery.fallback == ("warp", "untargeted")
+    assert Config().recovery.fallback == ("warp", "blend", "untargeted")
     assert Config(fallback=("untargeted",)).recovery.fallback == ("untargeted",)
     with pytest.raises(baerase.ConfigError, match="untargeted"):
         Config(fallback=("mask",))
@@ -46,13 +46,28 @@ def test_the_untargeted_attack_is_the_clipped_probability_of_leaving_the_own_lab
     assert torch.allclose(toward[0], torch.softmax(logits, 1)[0, 1])
 
 
+def test_the_spread_term_rewards_an_untargeted_batch_sent_to_many_classes():
+    b, k = 4, 4
+    to_one = torch.full((b, k), -9.0)
+    to_one[:, 2] = 9.0
+    to_each = torch.full((b, k), -9.0)
+    to_each[torch.arange(b), torch.arange(b)] = 9.0
+    logits = torch.cat([to_one, to_each, to_each])
+    rows = torch.tensor([UNTARGETED] * 2 * b + [1] * b)
+    spread_term = _spread_over_classes(logits, rows, torch.ones(3, dtype=torch.bool), b)
+    assert spread_term[0] == pytest.approx(0, abs=1e-3) and spread_term[1] == pytest.approx(1, abs=1e-3)
+    assert spread_term[2] == 0, "a targeted trigger gets no spread term"
+    stopped = _spread_over_classes(logits[b:], rows[b:], torch.tensor([False, True, True]), b)
+    assert stopped[0] == 0 and stopped[1] == pytest.approx(1, abs=1e-3)
+
+
 def test_spread_tells_a_permutation_from_a_universal_perturbation():
     labels = torch.arange(4).repeat_interleave(5)
     shifted = (labels + 1) % 4  # all-to-all: every class onto its own target
     assert spread(shifted, labels) == (1.0, [0, 1, 2, 3])
     one_sink = torch.full_like(labels, 2)  # a clean model's: everything to one class
     share, targets = spread(one_sink, labels)
-    assert targets == [2] and share == pytest.approx(1 / 3)  # class 2's own images do not flip
+    assert targets == [2] and share == pytest.approx(1 / 4)
     scattered = torch.tensor([1, 2, 3, 1, 2] * 4)  # no class's flips go mostly to one place
     assert spread(scattered, labels)[0] <= 0.5
     few = labels.clone()
@@ -82,22 +97,39 @@ def _quartile_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_an_untargeted_trigger_sends_each_class_onward_on_an_all_to_all_model():
     x, y = _quartile_images(64)
-    model = _AllToAll()
-    triggers = TriggerSet([UNTARGETED], (1, 8, 8), hidden=16, mine_hidden=8)
-    with torch.no_grad():
-        triggers.mask_logits.fill_(-20)[0, 0, 0, 0] = 20  # just the corner pixel
-        last = triggers.generator.linears[-1]
-        last.weight.zero_()
-        last.bias.fill_(20)  # a white pattern
+    model, triggers = _AllToAll(), _corner_trigger()
     sent = sent_to(triggers, model, x)[0]
     assert torch.equal(sent, (y + 1) % 4)
     assert attack_success(triggers, model, x, y).item() == 1.0
     assert spread(sent, y) == (1.0, [0, 1, 2, 3])
 
 
+def _corner_trigger() -> TriggerSet:
+    """An untargeted trigger that whitens the top-left pixel: _AllToAll's backdoor."""
+    triggers = TriggerSet([UNTARGETED], (1, 8, 8), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        triggers.mask_logits.fill_(-20)[0, 0, 0, 0] = 20
+        last = triggers.generator.linears[-1]
+        last.weight.zero_()
+        last.bias.fill_(20)
+    return triggers
+
+
+def test_an_all_to_all_needs_an_untargeted_trigger_smaller_than_the_targeted_ones():
+    x, y = _quartile_images(64)
+    triggers = _corner_trigger()
+    found = RecoveryResult([UNTARGETED], triggers, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([10]))
+    config = Config(progress=False)
+    small = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 1, reference_mass=10.0)
+    assert small.spread == 1.0 and small.targets == [0, 1, 2, 3]
+    large = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 2, reference_mass=1.0)
+    assert large.targets == [], "as large as a typical targeted trigger: most of the image, not a backdoor"
+
+
 def test_recovery_of_an_untargeted_trigger_sends_images_away_from_their_labels():
     x, y = _quartile_images(64)
-    config = Config(steps=60, hidden=16, mine_hidden=8, batch_size=8, progress=False)
+    # The away-from-own-label loss alone: the spread term has its own test above.
+    config = Config(steps=60, hidden=16, mine_hidden=8, batch_size=8, progress=False, untargeted_diversity=0)
     found = recover(_AllToAll(), (x, y), (x, y), [UNTARGETED], config)
     assert found.targets == [UNTARGETED] and found.success[0] >= 0.5
     sent = sent_to(found.triggers, _AllToAll(), x)[0]

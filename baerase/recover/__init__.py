@@ -1,6 +1,7 @@
 """Trigger recovery: stacked generators, the MINE entropy estimator and trigger families."""
 
 from . import families
+from .blend import BlendSet
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
 from .recovery import RecoveryResult, attack_success, frozen, recover, sent_to
 from .screen import Screened, recover_all
@@ -9,6 +10,7 @@ from .warp import WarpSet
 
 __all__ = [
     "UNTARGETED",
+    "BlendSet",
     "RecoveryResult",
     "Screened",
     "StatisticsNetwork",

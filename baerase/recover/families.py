@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from .blend import BlendSet
 from .triggers import TriggerSet
 from .warp import WarpSet
 
-Triggers = TriggerSet | WarpSet
+Triggers = TriggerSet | WarpSet | BlendSet
+_SETS = {"warp": WarpSet, "blend": BlendSet}
 
 
 def from_state(meta: dict, state: dict[str, torch.Tensor]) -> Triggers:
     """Rebuild a saved trigger set of any family from (meta, state_dict)."""
-    return (WarpSet if meta.get("family") == "warp" else TriggerSet).from_state(meta, state)
+    return _SETS.get(meta.get("family"), TriggerSet).from_state(meta, state)
 
 
 def concat(parts: list[Triggers]) -> Triggers:

@@ -7,6 +7,7 @@ their triggered images are stacked into one [K * B, C, H, W] batch.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 from .. import cost, ops, rng
 from ..config import Config
 from ..errors import DivergenceError
-from . import families, warp
+from . import families, transforms
 from .generator import mine_estimate
 from .memory import plan_chunk_size, trigger_bytes
 from .triggers import UNTARGETED, TriggerSet, reached
@@ -194,10 +195,10 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
         triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
         return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
     rng.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
-    if config.recovery.family == "warp":
+    if config.recovery.family in transforms.FAMILIES:
         tracker = _MaskCostTracker(len(piece), config, fit[0].device)
         args = (forward, *fit, piece, config, mean, std, steps, on_step, enough, tracker)
-        triggers, ran, reach = warp.recover_chunk(*args)
+        triggers, ran, reach = transforms.recover_chunk(*args)
     else:
         triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
     success = reach if val is None else attack_success(triggers, forward, *val, mean, std)
@@ -272,9 +273,9 @@ def _recover_chunk(
     return triggers, budget.ran.cpu(), budget.reach / budget.ran.clamp(min=1)
 
 
-def _new_triggers(targets, images, config, device) -> TriggerSet | warp.WarpSet:
-    if config.recovery.family == "warp":
-        return warp.new_warps(targets, images, config, device)
+def _new_triggers(targets, images, config, device) -> families.Triggers:
+    if config.recovery.family in transforms.FAMILIES:
+        return transforms.new_set(targets, images, config, device)
     return TriggerSet(
         targets,
         tuple(images.shape[1:]),
@@ -309,9 +310,12 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     logits = cost.forward(forward, stamped)
     hinge = _attack(logits, rows, y.repeat(len(rows) // b), config.recovery.beta)
     attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
+    spread = 0.0
+    if bool((triggers.targets == UNTARGETED).any()):
+        spread = config.recovery.untargeted_diversity * _spread_over_classes(logits, rows, active, b)
     surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
     mass = triggers.norms() / _area(images)
-    loss = (-attack - config.recovery.alpha * surrogate + tracker.cost * mass).sum()
+    loss = (-attack - spread - config.recovery.alpha * surrogate + tracker.cost * mass).sum()
     if not torch.isfinite(loss):
         return None
     with torch.no_grad():
@@ -329,6 +333,17 @@ def _attack(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, beta
         return hinge
     away = 1 - F.softmax(logits.float(), 1).gather(1, labels.unsqueeze(1)).squeeze(1)
     return torch.where(untargeted, away.clamp(max=beta), hinge)
+
+
+def _spread_over_classes(logits: torch.Tensor, rows: torch.Tensor, active: torch.Tensor, b: int) -> torch.Tensor:
+    """Per trigger [K]: for an untargeted one, the entropy of its batch's mean prediction over log K
+    (an all-to-all backdoor sends each class on to its own target; a universal perturbation sends all
+    to one class); 0 for a targeted one."""
+    p = F.softmax(logits.float(), 1).view(-1, b, logits.shape[1]).mean(1)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(1) / math.log(logits.shape[1])
+    full = entropy.new_zeros(len(active))
+    full[active] = torch.where(rows.view(-1, b)[:, 0] == UNTARGETED, entropy, 0.0)
+    return full
 
 
 def _rows(values: torch.Tensor, active: torch.Tensor, k: int, b: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import cost, ops, rng
+from .. import rng
 from ..ops.reference import normalize_images
 from .triggers import Stacked
 
@@ -75,10 +75,14 @@ class WarpSet(Stacked):
         h, w = self.meta["image_shape"][1:]
         return F.interpolate(self.control_points(), size=(h, w), mode="bicubic", align_corners=True).norm(dim=1)
 
+    def size(self) -> torch.Tensor:
+        """Mean displacement per class [K], in pixels, differentiable."""
+        return self.displacement().mean((1, 2))
+
     def norms(self) -> torch.Tensor:
         """Mean displacement per class [K], in pixels; ``max_shift`` for a class no warp reached."""
         limit = torch.full_like(self.found, self.meta["max_shift"], dtype=torch.float32)
-        return torch.where(self.found, self.displacement().mean((1, 2)), limit)
+        return torch.where(self.found, self.size(), limit)
 
 
 def lift(warps: WarpSet, own: torch.Tensor, success_of, draws: int = 4) -> torch.Tensor:
@@ -109,63 +113,6 @@ def _random_like(warps: WarpSet) -> WarpSet:
 def new_warps(targets: list[int], images: torch.Tensor, config, device: torch.device) -> WarpSet:
     r = config.recovery
     return WarpSet(targets, tuple(images.shape[1:]), grid=r.warp_grid, max_shift=r.warp_max_shift).to(device)
-
-
-def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step, enough, tracker):
-    """Fit one chunk's warps: (WarpSet holding, per class, the smallest warp that flipped
-    ``success_threshold`` of a batch (else the last), steps each class ran [k], mean clipped target
-    probability [k]). ``tracker``: the adaptive mass cost (see ``recovery._MaskCostTracker``)."""
-    device, r = images.device, config.recovery
-    warps = new_warps(targets, images, config, device)
-    optimizer = torch.optim.Adam([warps.flow_logits], lr=r.warp_lr, betas=r.betas)
-    best = warps.flow_logits.detach().clone()
-    stopped = torch.zeros(len(warps), dtype=torch.bool, device=device)
-    ran, reach = torch.zeros(len(warps), dtype=torch.long, device=device), torch.zeros(len(warps), device=device)
-    for step in range(steps):
-        if enough is not None and step and step % 10 == 0:
-            stopped |= enough(tracker.best_norm).to(device)
-        if bool(stopped.all()):
-            break
-        active = ~stopped
-        loss, success, attack = _step(forward, images, labels, warps, active, config, mean, std)
-        size = warps.displacement().mean((1, 2))  # the mass the adaptive cost weighs, in pixels
-        with torch.no_grad():
-            improved = tracker.update(success, size.detach())
-            best = torch.where(improved.view(-1, 1, 1, 1), warps.flow_logits.detach(), best)
-            ran += active
-            reach += attack * active
-        optimizer.zero_grad(set_to_none=True)
-        (loss + (tracker.cost * size * active).sum()).backward()
-        optimizer.step()
-        if on_step is not None:
-            on_step(int(active.sum()))
-    if on_step is not None:
-        on_step(int((steps - ran).sum()))
-    with torch.no_grad():
-        warps.flow_logits.copy_(torch.where(tracker.found_any.view(-1, 1, 1, 1), best, warps.flow_logits))
-        warps.found.copy_(tracker.found_any)
-    return warps, ran.cpu(), reach / ran.clamp(min=1)
-
-
-def _step(forward, images, labels, warps, active, config, mean, std):
-    """(summed clipped-hinge loss of the active classes, batch success [k], clipped target probability [k])."""
-    k, b = len(warps), config.recovery.batch_size
-    batch = torch.randint(0, len(labels), (b,), device=images.device, generator=rng.generator(images.device))
-    x, y = images[batch], labels[batch]
-    weight = (y.unsqueeze(0) != warps.targets.unsqueeze(1)).float() * active.unsqueeze(1)
-    _, points = warps.sample(b)
-    stamped = warps.stamp(x, points[active], mean, std).flatten(0, 1)
-    rows = warps.targets[active].repeat_interleave(b)
-    logits = cost.forward(forward, stamped)
-    hinge, _ = ops.trigger_loss(logits, rows, config.recovery.beta)
-    full = torch.zeros(k, b, device=images.device)
-    full[active] = hinge.view(-1, b)
-    attack = (full * weight).sum(1) / weight.sum(1).clamp(min=1)
-    with torch.no_grad():
-        flipped = torch.zeros(k, b, device=images.device)
-        flipped[active] = (logits.argmax(1) == rows).float().view(-1, b)
-        success = (flipped * weight).sum(1) / weight.sum(1).clamp(min=1)
-    return -attack.sum(), success, attack.detach()
 
 
 def _identity(h: int, w: int, device: torch.device) -> torch.Tensor:

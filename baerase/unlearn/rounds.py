@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import warnings
 
 import torch
@@ -65,7 +66,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
         with cost.phase(spent, "verification"), frozen(current):
             rerecover = rerecover_on(current, f"baerase verify (round {round_})")
             if report.untargeted:
-                rescan, evidence, still = _verify_untargeted(inputs, current, rerecover)
+                rescan, evidence, still = _verify_untargeted(inputs, report, current, rerecover)
             else:
                 rescan, evidence, still = verify(flagged, reference, rerecover, cfg, steps=verify_steps)
         if not still.any():
@@ -74,10 +75,13 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     return _result(inputs, flagged, outcomes, history, evidence, bool(still.any()), spent)
 
 
-def _verify_untargeted(inputs: Inputs, model: nn.Module, rerecover) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
-    """A fresh untargeted trigger of the repaired ``model``: (its recovery, evidence, whether it still
-    maps the classes apart [1])."""
-    found = untargeted(rerecover, model, inputs.held_out, inputs.config, 1, inputs.mean, inputs.std)
+def _verify_untargeted(
+    inputs: Inputs, report: ScanReport, model: nn.Module, rerecover
+) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
+    """A fresh untargeted trigger of the repaired ``model``, judged against the scan's targeted
+    triggers: (its recovery, evidence, whether it still maps the classes apart [1])."""
+    reference = statistics.median(c.trigger_norm for c in report.classes)
+    found = untargeted(rerecover, model, inputs.held_out, inputs.config, 1, reference, inputs.mean, inputs.std)
     evidence = {
         "target": UNTARGETED,
         "attack_success": float(found.recovery.success[0]),
