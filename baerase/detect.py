@@ -215,7 +215,7 @@ def _found_by_mass(
     reference: torch.Tensor, config: Config, min_shrink: float
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For a recovery in progress: the classes whose smallest working mask [k] already makes them
-    an outlier against ``reference`` (their held-out success is checked after). Mask family only."""
+    an outlier against ``reference`` (their held-out success is checked after). Small-is-suspicious families only."""
     if side_of(config.recovery.family) != "low":
         return None
 

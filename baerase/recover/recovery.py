@@ -195,7 +195,7 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
         triggers, success = saved[0].to(fit[0].device), saved[1].to(fit[0].device)
         return triggers, success, torch.full((len(piece),), steps, dtype=torch.long)
     rng.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
-    if config.recovery.family in transforms.FAMILIES:
+    if config.recovery.family in transforms.WHOLE_IMAGE_FAMILIES:
         tracker = _MaskCostTracker(len(piece), config, fit[0].device)
         args = (forward, *fit, piece, config, mean, std, steps, on_step, enough, tracker)
         triggers, ran, reach = transforms.recover_chunk(*args)
@@ -274,7 +274,7 @@ def _recover_chunk(
 
 
 def _new_triggers(targets, images, config, device) -> families.Triggers:
-    if config.recovery.family in transforms.FAMILIES:
+    if config.recovery.family in transforms.WHOLE_IMAGE_FAMILIES:
         return transforms.new_set(targets, images, config, device)
     return TriggerSet(
         targets,

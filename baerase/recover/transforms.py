@@ -14,7 +14,7 @@ from .warp import WarpSet, new_warps
 
 Transforms = WarpSet | BlendSet
 _BUILDERS = {"warp": new_warps, "blend": new_blends}
-FAMILIES = tuple(_BUILDERS)
+WHOLE_IMAGE_FAMILIES = tuple(_BUILDERS)
 
 
 def new_set(targets: list[int], images: torch.Tensor, config, device: torch.device) -> Transforms:
