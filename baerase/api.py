@@ -203,8 +203,8 @@ def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Jud
     if inputs.config.recovery.family != "mask" or first[2].flagged.any() or first[3] is not None:
         return first
     for name in inputs.config.recovery.fallback:
-        if name == "blend" and inputs.images.shape[1] != 1:
-            continue  # on colour images a grey blend reaches a greyish clean class as cheaply as a filter
+        if name == "blend" and not blend.applies_to(inputs.images):
+            continue
         if name == UNTARGETED_CHECK:
             answer = _untargeted_fallback(first, spent)
         else:

@@ -77,6 +77,12 @@ class BlendSet(Stacked):
         return torch.where(self.found, self.size(), limit)
 
 
+def applies_to(images: torch.Tensor) -> bool:
+    """Whether the blend fallback runs on ``images`` [N, C, H, W]: greyscale only. Where classes differ
+    by colour, grey is a colour, and a blend reaches a greyish clean class as cheaply as a filter's target."""
+    return images.shape[1] == 1
+
+
 def unblended(blends: BlendSet) -> BlendSet:
     """``blends`` at strength 0: the clean images themselves, scored as the blends are."""
     none = blends.select(list(range(len(blends))))
