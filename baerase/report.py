@@ -31,7 +31,7 @@ class ClassResult:
 
     target: int
     attack_success: float  # share of held-out non-target images its recovered trigger flips
-    trigger_norm: float  # L1 mass of the recovered mask (pixels), or the patch area
+    trigger_norm: float  # mask L1 mass or patch area (px), warp mean displacement (px), blend attenuation
     anomaly_index: float  # MAD anomaly index of the trigger (higher = more suspicious)
     flagged: bool
     confirmation_index: float | None = None  # lowest anomaly index over independent re-recoveries (suspects)
