@@ -93,6 +93,10 @@ class Recovery:
     # colour10 all-to-all model's trigger is a universal perturbation toward one class (sink), with it
     # the backdoor's y -> y+1 map (12-20 px on most seeds).
     untargeted_diversity: float = 0.5
+    # The share of a batch an untargeted trigger must flip to "work" (success_threshold for the others):
+    # an all-to-all backdoor's flips 85-94%, so at 0.9 its adaptive cost hovers and two colour10 seeds
+    # in three end at 130-670 px; at 0.8 every seed shrinks to the backdoor's 10-15 px.
+    untargeted_success: float = 0.8
     warp_grid: int = 4  # control points per side of a warp's displacement field
     warp_max_shift: float = 3.0  # the largest displacement a warp may reach, in pixels
     warp_lr: float = 0.05  # Adam step size of the warps' control points
@@ -134,7 +138,7 @@ class Recovery:
         _in_range(self, ("blend_lr",), 0, float("inf"), open_low=True)
         _in_range(self, ("blend_max_strength",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("alpha", "noise_std", "mask_cost"), 0, float("inf"))
-        _in_range(self, ("beta", "success_threshold", "mine_ma_rate"), 0, 1, open_low=True)
+        _in_range(self, ("beta", "success_threshold", "untargeted_success", "mine_ma_rate"), 0, 1, open_low=True)
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
         _in_range(self, ("converge_tol", "prescreen_share"), 0, 1)
@@ -168,9 +172,10 @@ class Detection:
     # Warp family: a flagged warp must flip this much larger a share of held-out images than random smooth
     # warps of its size (a clean colour class reached by a 0.8 px warp: 0.01-0.04; WaNet backdoors 0.48-0.71).
     min_warp_lift: float = 0.25
-    # The "untargeted" fallback: an untargeted trigger smaller than the targeted ones' median that maps at
-    # least this share of the classes onto distinct targets is an all-to-all backdoor (MNIST and colour10
-    # y -> y+1: 0.9-1.0; clean models, whose spreading triggers also cover 40-65% of the image: 0.1-0.4).
+    # The "untargeted" fallback: an untargeted trigger min_trigger_shrink times below the targeted ones'
+    # median that maps at least this share of the classes onto distinct targets is an all-to-all backdoor
+    # (MNIST and colour10 y -> y+1: 0.9-1.0 at 11-14x below; clean models' spreading triggers: 0.0-0.4,
+    # at 1.2-7.4x above).
     min_untargeted_spread: float = 0.5
 
     def __post_init__(self) -> None:

@@ -281,16 +281,17 @@ def untargeted(
     std: torch.Tensor | None = None,
 ) -> Untargeted:
     """Recover untargeted triggers of ``model`` with up to ``tries`` seeds: an all-to-all backdoor when
-    one works, maps the ``held_out`` (images, labels) classes apart, and is smaller than
-    ``reference_mass`` (the targeted triggers' median: a clean model's spreading trigger covers much
-    of the image). Its targets: the classes it reaches."""
+    one works, maps the ``held_out`` (images, labels) classes apart, and is ``min_trigger_shrink`` times
+    below ``reference_mass`` (the targeted triggers' median: a clean model's spreading trigger covers
+    much of the image). Its targets: the classes it reaches."""
     (x, y), d, first = held_out, config.detection, None
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, config.recovery.untargeted_steps, None)
         share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)
         found = Untargeted(again, share, targets)
         first = first or dataclasses.replace(found, targets=[])
-        works = float(again.success[0]) >= d.min_attack_success and float(again.norms[0]) < reference_mass
+        small = float(again.norms[0]) * d.min_trigger_shrink <= reference_mass
+        works = float(again.success[0]) >= d.min_attack_success and small
         if works and share >= d.min_untargeted_spread:
             return found
     return first

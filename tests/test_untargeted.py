@@ -11,7 +11,7 @@ import baerase
 from baerase import Config
 from baerase.detect import spread, untargeted
 from baerase.recover import RecoveryResult, TriggerSet, attack_success, recover, sent_to
-from baerase.recover.recovery import _attack, _spread_over_classes
+from baerase.recover.recovery import _attack, _MaskCostTracker, _spread_over_classes
 from baerase.recover.triggers import UNTARGETED, reached
 from baerase.report import ClassResult, ScanReport
 from baerase.unlearn import UnlearnLoss
@@ -59,6 +59,14 @@ def test_the_spread_term_rewards_an_untargeted_batch_sent_to_many_classes():
     assert spread_term[2] == 0, "a targeted trigger gets no spread term"
     stopped = _spread_over_classes(logits[b:], rows[b:], torch.tensor([False, True, True]), b)
     assert stopped[0] == 0 and stopped[1] == pytest.approx(1, abs=1e-3)
+
+
+def test_an_untargeted_trigger_works_at_its_own_success_bar():
+    config = Config(progress=False)
+    tracker = _MaskCostTracker(2, config, torch.device("cpu"), torch.tensor([UNTARGETED, 1]))
+    share = (config.recovery.untargeted_success + config.recovery.success_threshold) / 2
+    improved = tracker.update(torch.tensor([share, share]), torch.tensor([5.0, 5.0]))
+    assert improved.tolist() == [True, False]
 
 
 def test_spread_tells_a_permutation_from_a_universal_perturbation():
@@ -115,7 +123,7 @@ def _corner_trigger() -> TriggerSet:
     return triggers
 
 
-def test_an_all_to_all_needs_an_untargeted_trigger_smaller_than_the_targeted_ones():
+def test_an_all_to_all_needs_an_untargeted_trigger_far_smaller_than_the_targeted_ones():
     x, y = _quartile_images(64)
     triggers = _corner_trigger()
     found = RecoveryResult([UNTARGETED], triggers, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([10]))

@@ -240,7 +240,7 @@ def _recover_chunk(
         groups.append({"params": [triggers.mask_logits], "lr": config.recovery.mask_lr})
     # One fused update for all K stacked generators; stopped classes are frozen in it.
     optimizer = ops.BatchedAdam(groups, betas=config.recovery.betas)
-    tracker = _MaskCostTracker(len(triggers), config, device)
+    tracker = _MaskCostTracker(len(triggers), config, device, triggers.targets)
     budget = _Budget(len(triggers), steps, config, device, enough, _area(images))
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
     bad_steps = 0
@@ -420,9 +420,12 @@ class _MaskCostTracker:
     trigger first works, then up while it keeps working and down while it fails, so each class
     ends at the smallest mask that still flips the model. Also tracks each class's best mask."""
 
-    def __init__(self, k: int, config: Config, device: torch.device) -> None:
+    def __init__(self, k: int, config: Config, device: torch.device, targets: torch.Tensor | None = None) -> None:
         self.cost = torch.zeros(k, device=device)
-        self.initial, self.threshold = config.recovery.mask_cost, config.recovery.success_threshold
+        r = config.recovery
+        self.initial, self.threshold = r.mask_cost, torch.full((k,), r.success_threshold, device=device)
+        if targets is not None:  # an untargeted trigger answers its own bar
+            self.threshold[targets.to(device) == UNTARGETED] = r.untargeted_success
         self.patience, self.factor_up, self.factor_down = (
             config.recovery.cost_patience,
             config.recovery.cost_up,
