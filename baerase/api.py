@@ -250,10 +250,8 @@ def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
     try:
         with cost.phase(spent, "recovery"):
             rerecover = _rerecover(inputs, inputs.model, "baerase untargeted")
-            reference = float(screened.recovery.norms.median())
-            found = untargeted(
-                rerecover, inputs.model, inputs.held_out, inputs.config, tries, reference, inputs.mean, inputs.std
-            )
+            norms, (mean, std) = screened.recovery.norms, (inputs.mean, inputs.std)
+            found = untargeted(rerecover, inputs.model, inputs.held_out, inputs.config, tries, norms, mean, std)
     except cost.BudgetSpent as cut:
         return inputs, screened, verdict, cut.reason
     targets = [t for t in found.targets if t in screened.recovery.targets]

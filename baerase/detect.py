@@ -276,15 +276,16 @@ def untargeted(
     held_out: tuple[torch.Tensor, torch.Tensor],
     config: Config,
     tries: int,
-    reference_mass: float,
+    targeted_norms: torch.Tensor,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
 ) -> Untargeted:
     """Recover untargeted triggers of ``model`` with up to ``tries`` seeds: an all-to-all backdoor when
     one works, maps the ``held_out`` (images, labels) classes apart, and is ``min_trigger_shrink`` times
-    below ``reference_mass`` (the targeted triggers' median: a clean model's spreading trigger covers
-    much of the image). Its targets: the classes it reaches."""
+    below the median of ``targeted_norms`` (the scan's per-class triggers: a clean model's spreading
+    trigger covers much of the image). Its targets: the classes it reaches."""
     (x, y), d, first = held_out, config.detection, None
+    reference_mass = float(targeted_norms.float().median())
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, config.recovery.untargeted_steps, None)
         share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)

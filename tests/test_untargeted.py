@@ -128,9 +128,9 @@ def test_an_all_to_all_needs_an_untargeted_trigger_far_smaller_than_the_targeted
     triggers = _corner_trigger()
     found = RecoveryResult([UNTARGETED], triggers, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([10]))
     config = Config(progress=False)
-    small = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 1, reference_mass=10.0)
+    small = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 1, targeted_norms=torch.tensor([8.0, 10.0, 30.0]))
     assert small.spread == 1.0 and small.targets == [0, 1, 2, 3]
-    large = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 2, reference_mass=1.0)
+    large = untargeted(lambda *_: found, _AllToAll(), (x, y), config, 2, targeted_norms=torch.tensor([1.0, 1.0, 30.0]))
     assert large.targets == [], "as large as a typical targeted trigger: most of the image, not a backdoor"
 
 

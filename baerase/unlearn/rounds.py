@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import warnings
 
 import torch
@@ -80,8 +79,8 @@ def _verify_untargeted(
 ) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
     """A fresh untargeted trigger of the repaired ``model``, judged against the scan's targeted
     triggers: (its recovery, evidence, whether it still maps the classes apart [1])."""
-    reference = statistics.median(c.trigger_norm for c in report.classes)
-    found = untargeted(rerecover, model, inputs.held_out, inputs.config, 1, reference, inputs.mean, inputs.std)
+    norms = torch.tensor([c.trigger_norm for c in report.classes])
+    found = untargeted(rerecover, model, inputs.held_out, inputs.config, 1, norms, inputs.mean, inputs.std)
     evidence = {
         "target": UNTARGETED,
         "attack_success": float(found.recovery.success[0]),
