@@ -8,7 +8,7 @@ import torch
 from baerase import Config
 from baerase.detect import anomaly_index, flag_classes
 from baerase.ops.reference import mine_lower_bound_ref, trigger_apply_ref, trigger_loss_ref
-from baerase.recover import StatisticsNetwork, TriggerGenerator, TriggerSet, mine_estimate
+from baerase.recover import UNTARGETED, StatisticsNetwork, TriggerGenerator, TriggerSet, mine_estimate
 
 
 def test_trigger_loss_matches_hand_computed_values():
@@ -162,6 +162,19 @@ def test_position_bound_tells_a_fixed_trigger_from_a_movable_one(anywhere):
         triggers.generator.linears[-1].bias.fill_(30.0)  # a white pattern
     x, y = torch.zeros(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)
     assert _position_bound(triggers, _Detector(anywhere), x, y, None, None).tolist() == [not anywhere]
+
+
+def test_an_untargeted_trigger_gets_no_credit_for_the_models_own_errors():
+    from baerase.unlearn import _position_bound
+
+    triggers = TriggerSet([UNTARGETED], (1, 6, 6), hidden=16, mine_hidden=8)
+    with torch.no_grad():
+        triggers.mask_logits.fill_(-30.0)
+        triggers.mask_logits[0, 0, 2, 2] = 30.0
+        triggers.generator.linears[-1].bias.fill_(30.0)
+    # Two of ten images are misclassified: moved anywhere, the trigger "flips" them away from their label.
+    x, y = torch.zeros(10, 1, 6, 6), torch.tensor([0] * 8 + [1] * 2)
+    assert _position_bound(triggers, _Detector(False), x, y, None, None).tolist() == [True]
 
 
 def test_universal_perturbation_steps_toward_its_target_inside_the_ball():

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import Config, Unlearning
 from ..ops.reference import normalize_images
 from ..recover import TriggerSet, attack_success
+from .guard import logits_of
 
 
 @dataclass
@@ -73,10 +74,14 @@ def _position_bound(
     """Classes [K] whose recovered trigger works only where recovery found it: moved by thirds of
     the image, it flips under ``moved_share`` as many images. Such a trigger is the attacker's
     fixed one or a part of it, so unlearning also grows it in place; a trigger the attacker places
-    anywhere keeps working when moved, and grown in place it would only cost clean accuracy."""
+    anywhere keeps working when moved, and grown in place it would only cost clean accuracy.
+    Counted on the images the model gets right: an untargeted trigger gets no credit for its errors."""
     if triggers.family != "mask" or len(labels) < 2:
         return torch.zeros(len(triggers), dtype=torch.bool, device=triggers.targets.device)
     images, labels = images[:_POSITION_IMAGES], labels[:_POSITION_IMAGES]
+    right = logits_of(model, images, mean, std).argmax(1) == labels
+    if right.sum() >= 2:
+        images, labels = images[right], labels[right]
     in_place = attack_success(triggers, model, images, labels, mean, std)
     h, w = images.shape[-2:]
     shifts = [(h * i // 3, w * j // 3) for i in range(3) for j in range(3) if i or j]

@@ -26,7 +26,8 @@ def allowed_drop(config: Config, val_size: int) -> float:
     return max(config.unlearning.max_accuracy_drop, 1.0 / max(val_size, 1))
 
 
-def _logits(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 256) -> torch.Tensor:
+def logits_of(model: nn.Module, images: torch.Tensor, mean=None, std=None, batch_size: int = 256) -> torch.Tensor:
+    """The model's logits [N, K] for images [N, C, H, W] in [0, 1], normalised with mean/std first."""
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
@@ -41,7 +42,7 @@ def clean_accuracy(
     """Share of images [N, C, H, W] classified as their label (normalised with mean/std first)."""
     if len(labels) == 0:
         return 0.0
-    return (_logits(model, images, mean, std, batch_size).argmax(1) == labels).float().mean().item()
+    return (logits_of(model, images, mean, std, batch_size).argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -94,7 +95,7 @@ class Guard:
     def score(self, step: int, triggers: bool = True) -> dict:
         """The model now: validation accuracy, share of the original's right answers broken and
         (``triggers``) the recovered triggers' success."""
-        wrong_now = _logits(self.model, self.x_all, self.mean, self.std).argmax(1) != self.y_all
+        wrong_now = logits_of(self.model, self.x_all, self.mean, self.std).argmax(1) != self.y_all
         right_val = ~wrong_now[self.fit_size :]
         row = {
             "step": step,
@@ -132,7 +133,7 @@ class Guard:
                 high = share
         if found is not None:
             _set_between(self.model, self.start, end, low)
-            right_val = _logits(self.model, self.x_val, self.mean, self.std).argmax(1) == self.y_val
+            right_val = logits_of(self.model, self.x_val, self.mean, self.std).argmax(1) == self.y_val
             found = (dict(found, trigger_asr=self._trigger_success(right_val)), copy.deepcopy(self.model.state_dict()))
         _set_between(self.model, self.start, end, 1.0)
         return found

@@ -16,7 +16,7 @@ from .. import cost
 from ..config import Config, Unlearning
 from ..recover import TriggerSet
 from .batch import TriggeredBatches
-from .guard import Guard, _logits
+from .guard import Guard, logits_of
 from .loss import UnlearnLoss
 
 
@@ -62,7 +62,7 @@ def _trainable_copy(model: nn.Module) -> nn.Module:
 def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.Tensor:
     """The original's log-probabilities on the fit, then the val images: soft targets that hold the clean
     function (a few hundred labels alone overfit), and the images it got right, which no checkpoint may break."""
-    return F.log_softmax(_logits(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
+    return F.log_softmax(logits_of(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
 
 
 class _Schedule:
