@@ -283,7 +283,8 @@ def untargeted(
     """Recover untargeted triggers of ``model`` with up to ``tries`` seeds: an all-to-all backdoor when
     one works, maps the ``held_out`` (images, labels) classes apart, and is ``min_trigger_shrink`` times
     below the median of ``targeted_norms`` (the scan's per-class triggers: a clean model's spreading
-    trigger covers much of the image). Its targets: the classes it reaches."""
+    trigger covers much of the image). Its targets: the classes it reaches. A trigger at or above that
+    median ends the tries: a clean model's, which no other seed shrinks threefold."""
     (x, y), d, first = held_out, config.detection, None
     reference_mass = float(targeted_norms.float().median())
     for offset in range(tries):
@@ -295,4 +296,6 @@ def untargeted(
         works = float(again.success[0]) >= d.min_attack_success and small
         if works and share >= d.min_untargeted_spread:
             return found
+        if float(again.norms[0]) >= reference_mass:
+            break
     return first

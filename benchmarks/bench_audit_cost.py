@@ -5,7 +5,8 @@
 One 10-class MNIST model with a BadNets backdoor (trained here, seeded) and 500 clean digits:
 baerase's default scan, then Neural Cleanse's reverse engineering at the settings the effectiveness
 grid gives it (200 steps, batch 32), back to back on the same model and data; then the whole audit
-(scan, erase, verification). Scan images are counted with a forward hook on the suspect model, so
+(scan, erase, verification); and a clean model of the same training, scanned with every fallback
+family and with the mask family alone. Scan images are counted with a forward hook on the suspect model, so
 both defenses are counted the same way (the audit's count is baerase's own cost record); counts
 do not drift with the machine's load. Each run
 appends its figures to benchmarks/results/audit_cost.md.
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import baerase
-from baerase.attacks import BadNets, attack_success_rate, clean_accuracy, train_backdoored
+from baerase.attacks import BadNets, attack_success_rate, clean_accuracy, train_backdoored, train_classifier
 from baerase.data import load_mnist, split
 from baerase.models import SmallCNN
 from benchmarks.baselines.neural_cleanse import reverse_engineer
@@ -39,6 +40,16 @@ def case():
     torch.manual_seed(0)
     model = train_backdoored(SmallCNN(1, 10, 28), x_train, y_train, trigger, TARGET, rate=0.2, epochs=8, seed=0)
     return model, x_clean, y_clean, x_test, y_test, trigger
+
+
+@pytest.fixture(scope="module")
+def clean_case():
+    """(clean model, clean images, labels): the same data and training, nothing poisoned."""
+    images, labels = load_mnist()
+    (x_train, y_train), (x_clean, y_clean), _ = split(images, labels, [0.7, 0.1, 0.2], seed=0)
+    torch.manual_seed(0)
+    model = train_classifier(SmallCNN(1, 10, 28), x_train, y_train, epochs=8, seed=0)
+    return model.eval(), x_clean, y_clean
 
 
 class _Counter:
@@ -85,6 +96,19 @@ def test_scan_vs_neural_cleanse(benchmark, case):
         f"Neural Cleanse {nc_images / 10:,.0f} in {nc_seconds:.1f}s (flagged {nc.flagged}): "
         f"{nc_seconds / seconds:.1f}x faster, {nc_images / max(images, 1):.1f}x fewer images"
     )
+
+
+def test_clean_model_scan(benchmark, clean_case):
+    """A model found clean runs every fallback family: their images beside the mask family's alone."""
+    model, x, y = clean_case
+    config = baerase.Config(progress=False)
+    report = benchmark.pedantic(baerase.scan, args=(model, x, y), kwargs={"config": config}, rounds=1)
+    masks_only = baerase.scan(model, x, y, config=config.replace(fallback=()))
+    total, masks = report.cost.per_class(10), masks_only.cost.per_class(10)
+    benchmark.extra_info.update(
+        images_per_class=total, mask_family_images_per_class=masks, flagged=report.flagged, family=report.family
+    )
+    print(f"\nclean model: {total:,.0f} images/class, {masks:,.0f} for the mask family alone; flagged {report.flagged}")
 
 
 ERASES = {"default": baerase.Config(progress=False), "short_erase": baerase.Config.short_erase(progress=False)}

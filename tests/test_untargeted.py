@@ -134,6 +134,21 @@ def test_an_all_to_all_needs_an_untargeted_trigger_far_smaller_than_the_targeted
     assert large.targets == [], "as large as a typical targeted trigger: most of the image, not a backdoor"
 
 
+@pytest.mark.parametrize(("mass", "tries"), [(50.0, 1), (5.0, 3)])
+def test_a_trigger_as_large_as_the_targeted_median_ends_the_tries(mass, tries):
+    x, y = _quartile_images(64)
+    success, norm, steps = torch.tensor([1.0]), torch.tensor([mass]), torch.tensor([10])
+    found = RecoveryResult([UNTARGETED], _corner_trigger(), success, norm, steps)
+    calls = []
+
+    def rerecover(*args):
+        calls.append(args)
+        return found
+
+    result = untargeted(rerecover, _AllToAll(), (x, y), Config(progress=False), 3, torch.tensor([8.0, 10.0, 30.0]))
+    assert result.targets == [] and len(calls) == tries, "another seed is tried only below the median"
+
+
 def test_recovery_of_an_untargeted_trigger_sends_images_away_from_their_labels():
     x, y = _quartile_images(64)
     # The away-from-own-label loss alone: the spread term has its own test above.
