@@ -6,10 +6,10 @@ One 10-class MNIST model with a BadNets backdoor (trained here, seeded) and 500 
 baerase's default scan, then Neural Cleanse's reverse engineering at the settings the effectiveness
 grid gives it (200 steps, batch 32), back to back on the same model and data; then the whole audit
 (scan, erase, verification); and a clean model of the same training, scanned with every fallback
-family and with the mask family alone. Scan images are counted with a forward hook on the suspect model, so
-both defenses are counted the same way (the audit's count is baerase's own cost record); counts
-do not drift with the machine's load. Each run
-appends its figures to benchmarks/results/audit_cost.md.
+family and with the mask family alone. Scan images are counted with a forward hook on the suspect
+model, so both defenses are counted the same way (the audit's count is baerase's own cost record);
+counts do not drift with the machine's load. Each run of the backdoored model's tests appends its
+figures to benchmarks/results/audit_cost.md.
 """
 
 from __future__ import annotations
