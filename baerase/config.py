@@ -177,6 +177,10 @@ class Detection:
     # (MNIST and colour10 y -> y+1: 0.9-1.0 at 11-14x below; clean models' spreading triggers: 0.0-0.4,
     # at 1.2-7.4x above).
     min_untargeted_spread: float = 0.5
+    # Several flags: a class's trigger may be at most this many times the smallest flagged one. A second
+    # backdoor's mask is 1.3-2.6x the first's (two patches; a patch and a sine blend); an easy clean class
+    # flagged beside a random-position BadNets target was 27-37x.
+    max_flag_ratio: float = 8.0
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
@@ -184,7 +188,7 @@ class Detection:
         _in_range(self, ("min_warp_lift",), 0, 1)
         _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
-        _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink"), 1, float("inf"))
+        _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink", "max_flag_ratio"), 1, float("inf"))
         if not isinstance(self.confirmations, int) or self.confirmations < 0:
             raise ConfigError(f"confirmations must be an integer >= 0, got {self.confirmations!r}")
 

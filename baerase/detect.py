@@ -169,7 +169,7 @@ def detect(
     )
     confirmation = torch.full_like(index, float("nan"))  # fmin ignores the NaN of "not re-checked"
     if not flagged.any() or (rows & ~flagged).sum() < 2:
-        return Verdict(index, flagged, confirmation)
+        return Verdict(index, _near_the_strongest(flagged, values, side, d.max_flag_ratio), confirmation)
     # One lucky small mask is not evidence: judged against the reference classes that were not flagged.
     reference = values[rows & ~flagged]
     for offset in range(1, config.detection.confirmations + 1):
@@ -181,7 +181,16 @@ def detect(
         found_index, found = judge(again, reference, config, min_shrink(config))
         confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
         flagged[suspects] = found
-    return Verdict(index, flagged, confirmation)
+    return Verdict(index, _near_the_strongest(flagged, values, side, d.max_flag_ratio), confirmation)
+
+
+def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, max_ratio: float) -> torch.Tensor:
+    """``flagged`` without the classes whose trigger is over ``max_ratio`` times the smallest flagged one's
+    (log masses ``values``): a backdoor makes its neighbours easy too, so a class reached far less cheaply
+    than the backdoor beside it is one of them, not a second backdoor."""
+    if side != "low" or flagged.sum() < 2:
+        return flagged
+    return flagged & (values - values[flagged].min() <= math.log(max_ratio))
 
 
 def verify(

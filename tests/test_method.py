@@ -116,6 +116,22 @@ def test_default_shrink_flags_a_large_patch_trigger():
     assert flagged.nonzero().flatten().tolist() == [0]
 
 
+# Masses and successes of a scan of a random-position BadNets model (target 0) that flagged an easy class 8.
+_BESIDE = ([3.7, 391.1, 305.8, 181.3, 311.5, 387.5, 344.3, 331.9, 100.5, 391.0], [0.9, 0, 0, 0.8, 0, 0, 0, 0, 0.96, 0])
+
+
+@pytest.mark.parametrize(("second", "flagged"), [(100.5, [0]), (7.8, [0, 8])])
+def test_a_class_flagged_far_above_the_strongest_trigger_is_not_a_second_backdoor(second, flagged):
+    from baerase.detect import detect
+    from baerase.recover import RecoveryResult
+
+    norms, success = list(_BESIDE[0]), _BESIDE[1]
+    norms[8] = second  # 27x the backdoor's mask, or a second backdoor's 2x
+    found = RecoveryResult(list(range(10)), None, torch.tensor(success), torch.tensor(norms), torch.full((10,), 100))
+    verdict = detect(found, None, Config(confirmations=0))
+    assert torch.nonzero(verdict.flagged).flatten().tolist() == flagged
+
+
 def test_stamp_shift_and_spread_move_and_grow_the_mask():
     triggers = TriggerSet([1], (1, 6, 6), hidden=16, mine_hidden=8)
     with torch.no_grad():
