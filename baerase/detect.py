@@ -186,8 +186,8 @@ def detect(
 
 def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, max_ratio: float) -> torch.Tensor:
     """``flagged`` without the classes whose trigger is over ``max_ratio`` times the smallest flagged one's
-    (log masses ``values``): a backdoor makes its neighbours easy too, so a class reached far less cheaply
-    than the backdoor beside it is one of them, not a second backdoor."""
+    (log masses ``values``): a second backdoor's trigger recovers at the first's scale, so a class reached
+    far less cheaply than the backdoor beside it is an easy clean class."""
     if side != "low" or flagged.sum() < 2:
         return flagged
     return flagged & (values - values[flagged].min() <= math.log(max_ratio))
