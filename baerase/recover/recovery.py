@@ -243,12 +243,13 @@ def _recover_chunk(
     tracker = _MaskCostTracker(len(triggers), config, device, triggers.targets)
     budget = _Budget(len(triggers), steps, config, device, enough, _area(images))
     best = {name: t.detach().clone() for name, t in triggers.state_dict().items()}
+    diversity = config.recovery.untargeted_diversity if UNTARGETED in targets else 0.0  # decided once, not per step
     bad_steps = 0
     for step in range(steps):
         active = budget.active(step, tracker, triggers)
         if active is None:
             break
-        result = _step(forward, images, labels, triggers, tracker, active, config, mean, std)
+        result = _step(forward, images, labels, triggers, tracker, active, config, mean, std, diversity)
         if result is None:
             bad_steps += 1
             if bad_steps > _MAX_BAD_STEPS:
@@ -292,9 +293,10 @@ def _area(images: torch.Tensor) -> int:
     return images.shape[-1] * images.shape[-2]
 
 
-def _step(forward, images, labels, triggers, tracker, active, config, mean, std):
+def _step(forward, images, labels, triggers, tracker, active, config, mean, std, diversity=0.0):
     """(loss, batch success [k] (0 for stopped classes), clipped target probability [k], mask mass
-    per pixel [k]) of one optimisation step, or None when the loss is not finite."""
+    per pixel [k]) of one optimisation step, or None when the loss is not finite. ``diversity``: the
+    weight of an untargeted trigger's spread over the classes (0: the chunk has none)."""
     k, b = len(triggers), config.recovery.batch_size
     batch = torch.randint(0, len(labels), (b,), device=images.device, generator=rng.generator(images.device))
     x, y = images[batch], labels[batch]
@@ -310,9 +312,7 @@ def _step(forward, images, labels, triggers, tracker, active, config, mean, std)
     logits = cost.forward(forward, stamped)
     hinge = _attack(logits, rows, y.repeat(len(rows) // b), config.recovery.beta)
     attack = (_rows(hinge, active, k, b) * weight).sum(1) / weight_sum
-    spread = 0.0
-    if bool((triggers.targets == UNTARGETED).any()):
-        spread = config.recovery.untargeted_diversity * _spread_over_classes(logits, rows, active, b)
+    spread = diversity * _spread_over_classes(logits, rows, active, b) if diversity else 0.0
     surrogate, _ = mine_estimate(triggers.stats, z, g, triggers.moving_avg, config.recovery.mine_ma_rate)
     mass = triggers.norms() / _area(images)
     loss = (-attack - spread - config.recovery.alpha * surrogate + tracker.cost * mass).sum()
