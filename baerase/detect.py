@@ -299,12 +299,11 @@ def untargeted(
     for offset in range(tries):
         again = rerecover([UNTARGETED], offset, config.recovery.untargeted_steps, None)
         share, targets = spread(sent_to(again.triggers, model, x, mean, std)[0], y)
-        found = Untargeted(again, share, targets)
+        found, mass = Untargeted(again, share, targets), float(again.norms[0])
         first = first or dataclasses.replace(found, targets=[])
-        small = float(again.norms[0]) * d.min_trigger_shrink <= reference_mass
-        works = float(again.success[0]) >= d.min_attack_success and small
+        works = float(again.success[0]) >= d.min_attack_success and mass * d.min_trigger_shrink <= reference_mass
         if works and share >= d.min_untargeted_spread:
             return found
-        if float(again.norms[0]) >= reference_mass:
+        if mass >= reference_mass:
             break
     return first
