@@ -52,7 +52,7 @@ class Recovery:
     latent_dim: int = 64
     hidden: int = 256  # generator width (paper: 2048)
     lr: float = 1e-3  # Adam lr of the generator and statistics network (paper: 2e-4)
-    mask_lr: float = 0.2  # Adam lr of the mask logits (mask family)
+    mask_lr: float = 0.2  # Adam lr of the mask and mean-pattern logits (mask family)
     mask_init: float = 0.5  # initial mask value at every pixel (mask family)
     betas: tuple[float, float] = (0.5, 0.999)
     alpha: float = 0.1  # weight of the entropy (mutual information) term

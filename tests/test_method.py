@@ -8,7 +8,7 @@ import torch
 from baerase import Config
 from baerase.detect import anomaly_index, flag_classes
 from baerase.ops.reference import mine_lower_bound_ref, trigger_apply_ref, trigger_loss_ref
-from baerase.recover import UNTARGETED, StatisticsNetwork, TriggerGenerator, TriggerSet, mine_estimate
+from baerase.recover import UNTARGETED, StatisticsNetwork, TriggerGenerator, TriggerSet, mine_estimate, recover
 
 
 def test_trigger_loss_matches_hand_computed_values():
@@ -94,6 +94,38 @@ def test_trigger_set_select_concat_roundtrip():
     joined = TriggerSet.concat([picked, triggers.select([1])])
     assert joined.targets.tolist() == [7, 2, 5]
     assert torch.equal(joined.generator.linears[3].weight[2], triggers.generator.linears[3].weight[1])
+
+
+def test_a_trigger_set_saved_before_the_mean_pattern_loads_unchanged():
+    triggers = TriggerSet([2, 5], (3, 6, 6), hidden=16, mine_hidden=8)
+    old = {k: v for k, v in triggers.state_dict().items() if k != "pattern_logits"}
+    loaded = TriggerSet.from_state(triggers.meta, old)
+    assert torch.equal(loaded.pattern_logits, torch.zeros(2, 3 * 6 * 6))
+    torch.manual_seed(0)
+    z, g = loaded.sample(4)
+    assert torch.equal(g, triggers.generator(z))
+
+
+class _ColourLock(torch.nn.Module):
+    """Class 1 wins only where a 3x3 patch at (1, 1) shows one fixed colour per pixel and channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(0)).round()
+
+    def forward(self, x):
+        gap = (x[:, :, 1:4, 1:4] - self.key).abs().flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(gap), 2.0 - gap], 1)
+
+
+def test_mask_recovery_finds_a_fixed_coloured_patch_in_the_default_budget():
+    # Through the generator alone the key's colours were learned so slowly that after the default
+    # 100 steps the mask still covered 74 px and flipped 14% of the images.
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 3, 12, 12), torch.zeros(64, dtype=torch.long)
+    result = recover(_ColourLock(), (x, y), (x, y), [1], Config(progress=False))
+    assert float(result.success[0]) > 0.9
+    assert float(result.norms[0]) < 2 * 9
 
 
 def test_flag_needs_a_trigger_several_times_smaller_than_the_median():

@@ -80,6 +80,10 @@ def test_checkpoint_of_another_scan_is_refused(tmp_path):
     assert [c.trigger_norm for c in first.classes] == [c.trigger_norm for c in again.classes]
     with pytest.raises(InputError, match="another scan"):
         baerase.scan(model, x, y, config=config.replace(steps=3), checkpoint=tmp_path)
+    meta = tmp_path / "scan.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 1}))  # written by an older baerase
+    with pytest.raises(InputError, match="baerase version"):
+        baerase.scan(model, x, y, config=config, checkpoint=tmp_path)
 
 
 def test_truncated_chunk_is_recomputed(tmp_path):

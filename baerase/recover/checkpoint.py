@@ -27,7 +27,7 @@ from .triggers import TriggerSet
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -68,10 +68,10 @@ class ChunkStore:
                 raise InputError(
                     f"checkpoint {meta} is unreadable ({exc}); delete the directory to start over"
                 ) from None
-            if saved.get("fingerprint") != self.fingerprint:
+            if saved.get("format") != _FORMAT or saved.get("fingerprint") != self.fingerprint:
                 raise InputError(
                     f"checkpoint directory {self.directory} belongs to another scan (different settings, "
-                    "model or data); use a new directory or delete it"
+                    "model, data or baerase version); use a new directory or delete it"
                 )
         else:
             text = json.dumps({"format": _FORMAT, "fingerprint": self.fingerprint}, indent=1, sort_keys=True)

@@ -14,7 +14,8 @@ class TriggerGenerator(nn.Module):
     """G: z ~ U[0,1]^latent -> trigger values in [0,1], for K classes at once.
 
     Four linear layers with BatchNorm + LeakyReLU(0.2); z is split into four chunks, one fed
-    into each layer (the skip connections of the MESA generator). z [K, N, latent] -> [K, N, out].
+    into each layer (the skip connections of the MESA generator). z [K, N, latent] -> [K, N, out];
+    ``offset`` [K, out] shifts each class's output logits (its learned mean pattern).
     """
 
     def __init__(self, stacks: int, latent_dim: int, hidden: int, out_features: int) -> None:
@@ -27,12 +28,13 @@ class TriggerGenerator(nn.Module):
         )
         self.norms = nn.ModuleList(StackedBatchNorm(stacks, hidden) for _ in range(3))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         parts = torch.split(z, self.chunks, dim=-1)
         h = F.leaky_relu(self.norms[0](self.linears[0](parts[0])), 0.2)
         for i in (1, 2):
             h = F.leaky_relu(self.norms[i](self.linears[i](torch.cat([h, parts[i]], -1))), 0.2)
-        return torch.sigmoid(self.linears[3](torch.cat([h, parts[3]], -1)))
+        logits = self.linears[3](torch.cat([h, parts[3]], -1))
+        return torch.sigmoid(logits if offset is None else logits + offset.unsqueeze(1))
 
 
 class StatisticsNetwork(nn.Module):

@@ -73,8 +73,8 @@ class TriggerSet(Stacked):
     """One trigger distribution per candidate target class, stacked along dim 0.
 
     ``mask`` family: x' = x + m * (p - x) with a learned mask m [1, H, W] per class and patterns p
-    drawn from the class's generator. ``patch`` family (the paper's): a generated h x w patch
-    pasted at a random position of each image.
+    drawn from the class's generator around a learned mean pattern. ``patch`` family (the paper's):
+    a generated h x w patch pasted at a random position of each image.
     """
 
     def __init__(
@@ -108,12 +108,21 @@ class TriggerSet(Stacked):
             # Start from a faint mask over the whole image: it grows where a class needs it until the
             # trigger works, then the mass penalty shrinks it to what the class really needs.
             self.mask_logits = nn.Parameter(torch.full((k, 1, height, width), math.log(mask_init / (1 - mask_init))))
+            # The mean pattern's logits, learned as fast as the mask: through the generator alone a
+            # fixed coloured patch is learned so slowly that its mask stays spread over the image.
+            self.pattern_logits = nn.Parameter(torch.zeros(k, out))
+
+    @classmethod
+    def from_state(cls, meta: dict, state: dict[str, torch.Tensor]):
+        if meta.get("family") == "mask" and "pattern_logits" not in state:  # saved before the mean pattern: it was 0
+            state = {**state, "pattern_logits": torch.zeros(len(state["targets"]), math.prod(meta["image_shape"]))}
+        return super().from_state(meta, state)
 
     def sample(self, n: int, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw n latent codes per class and their triggers: (z [K, n, latent], g [K, n, D])."""
         device = self.targets.device
         z = torch.rand(len(self), n, self.meta["latent_dim"], device=device, generator=rng.generator(device))
-        g = self.generator(z)
+        g = self.generator(z, self.pattern_logits if self.family == "mask" else None)
         if noise_std > 0:
             noise = torch.randn(g.shape, device=device, dtype=g.dtype, generator=rng.generator(device))
             g = (g + noise_std * noise).clamp(0, 1)
