@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from benchmarks.effectiveness import __main__ as cli
-from benchmarks.effectiveness.grid import Cell, full_grid, small_grid
+from benchmarks.effectiveness.grid import Cell, drawn_grid, full_grid, small_grid
 from benchmarks.effectiveness.report import markdown, write
-from benchmarks.effectiveness.run import BAR_ASR, run_cell
+from benchmarks.effectiveness.run import BAR_ASR, make_trigger, run_cell
 
 
 def test_grids_cover_the_issue():
@@ -18,6 +18,15 @@ def test_grids_cover_the_issue():
     assert {c.attack for c in full} >= {"badnets3", "badnets5", "badnets7", "badnets3_fixed", "trojan", "imc"}
     assert {c.rate for c in full} == {0.05, 0.1} and {c.budget for c in full} == {0.01, 0.05, 0.1}
     assert sum(c.attack is None and c.data == "mnist" for c in full) >= 5
+
+
+def test_drawn_cells_are_the_same_every_run_and_each_trigger_stamps():
+    cells = drawn_grid()
+    assert cells == drawn_grid() and len({c.attack for c in cells}) > 6
+    x = torch.rand(2, 3, 32, 32)
+    for cell in cells:
+        if cell.attack is not None:
+            assert not torch.equal(make_trigger(cell.attack)(x), x), cell.name
 
 
 def test_one_cell_and_report(tmp_path):

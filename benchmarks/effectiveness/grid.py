@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import asdict, dataclass
 
 ATTACKS = ("badnets3", "badnets5", "badnets7", "badnets3_fixed", "trojan", "imc", "blended")
@@ -115,4 +117,31 @@ def beyond_grid(data: str | None = None) -> list[Cell]:
     return [beyond_cell(ds, attack, defenses=ALL_DEFENSES) for ds in datasets for attack in BEYOND]
 
 
-GRIDS = {"small": small_grid, "full": full_grid, "beyond": beyond_grid}
+def drawn_cell(data: str, seed: int) -> Cell:
+    """A cell whose trigger, target, poison rate and training length are drawn from ``seed``: a patch of
+    random colours at a random fixed place (``badnets{size}@{row},{col}``), a checkerboard at a random
+    place per image (``badnets{size}``), a blended noise (``noise{alpha %}``) or stripe pattern
+    (``sine{alpha %}p{period}``), a SIG signal (``sig{delta %}f{freq}``), or a clean model; the fixed
+    patch, the commonest backdoor, twice as often as each of the others."""
+    g = random.Random(f"{data}/{seed}")
+    kind, size = g.choice(("patch", "patch", "checker", "noise", "sine", "sig", "clean")), g.choice((3, 4))
+    attack = {
+        "patch": f"badnets{size}@{g.randrange(22)},{g.randrange(22)}",
+        "checker": f"badnets{size}",
+        "noise": f"noise{g.randrange(10, 21)}",
+        "sine": f"sine{g.randrange(10, 21)}p{g.randrange(4, 9)}",
+        "sig": f"sig{g.randrange(8, 16)}f{g.randrange(3, 9)}",
+        "clean": None,
+    }[kind]
+    rate, target, epochs = g.choice((0.05, 0.1, 0.2)), g.randrange(10), g.randrange(10, 21)
+    return Cell(data, attack=attack, rate=rate, target=target, seed=seed, epochs=epochs, tag="drawn")
+
+
+def drawn_grid(data: str | None = None, n: int = 12) -> list[Cell]:
+    """``n`` drawn cells (``drawn_cell``) per data set, MNIST and colour10: cases the defaults were not tuned on."""
+    datasets = [data] if data else ["mnist", "colour10"]
+    return [dataclasses.replace(drawn_cell(ds, seed), defenses=DRAWN_DEFENSES) for ds in datasets for seed in range(n)]
+
+
+DRAWN_DEFENSES = ("baerase", "neural_cleanse", "fine_tune")
+GRIDS = {"small": small_grid, "full": full_grid, "beyond": beyond_grid, "drawn": drawn_grid}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -53,6 +54,9 @@ def build_model(cell: Cell, x: torch.Tensor, k: int) -> torch.nn.Module:
 
 def make_trigger(attack: str, seed: int = 1, targets: tuple[int, ...] = (0, 5)):
     """The cell's trigger (a ``Backdoors`` of several for two_target, an ``AllToAll`` for all_to_all)."""
+    drawn = _drawn_trigger(attack)
+    if drawn is not None:
+        return drawn
     if attack.startswith("badnets"):
         size = int(attack[7])
         return A.BadNets(size, "corner" if attack.endswith("fixed") else "random", seed=seed)
@@ -75,6 +79,20 @@ def make_trigger(attack: str, seed: int = 1, targets: tuple[int, ...] = (0, 5)):
     if attack == "all_to_all":
         return A.AllToAll(A.BadNets(4, "corner", seed=seed))
     raise ValueError(attack)
+
+
+def _drawn_trigger(attack: str):
+    """The trigger a drawn cell names (see ``grid.drawn_cell``), or None for the grid's named attacks."""
+    if m := re.fullmatch(r"badnets(\d)@(\d+),(\d+)", attack):
+        size, row, col = map(int, m.groups())
+        return A.BadNets(size, (row, col), pattern="random", seed=31 * row + col)
+    if m := re.fullmatch(r"noise(\d+)", attack):
+        return A.Blended("noise", alpha=int(m[1]) / 100, seed=int(m[1]))
+    if m := re.fullmatch(r"sine(\d+)p(\d+)", attack):
+        return A.Blended("sine", alpha=int(m[1]) / 100, period=int(m[2]))
+    if m := re.fullmatch(r"sig(\d+)f(\d+)", attack):
+        return A.SIG(delta=int(m[1]) / 100, freq=int(m[2]))
+    return None
 
 
 # Clean-label SIG stamps only target images, labels kept: a weak lesson. On MNIST a 0.2 signal in training
