@@ -237,7 +237,8 @@ def _recover_chunk(
         {"params": list(triggers.generator.parameters()) + list(triggers.stats.parameters()), "lr": config.recovery.lr}
     ]
     if config.recovery.family == "mask":
-        groups.append({"params": [triggers.mask_logits, triggers.pattern_logits], "lr": config.recovery.mask_lr})
+        groups.append({"params": [triggers.mask_logits], "lr": config.recovery.mask_lr})
+        groups.append({"params": [triggers.pattern_logits], "lr": config.recovery.pattern_lr})
     # One fused update for all K stacked generators; stopped classes are frozen in it.
     optimizer = ops.BatchedAdam(groups, betas=config.recovery.betas)
     tracker = _MaskCostTracker(len(triggers), config, device, triggers.targets)

@@ -108,8 +108,8 @@ class TriggerSet(Stacked):
             # Start from a faint mask over the whole image: it grows where a class needs it until the
             # trigger works, then the mass penalty shrinks it to what the class really needs.
             self.mask_logits = nn.Parameter(torch.full((k, 1, height, width), math.log(mask_init / (1 - mask_init))))
-            # The mean pattern's logits, learned as fast as the mask: through the generator alone a
-            # fixed coloured patch is learned so slowly that its mask stays spread over the image.
+            # The mean pattern's logits, learned at their own rate: through the generator alone a fixed
+            # coloured patch is learned so slowly that its mask stays spread over the image.
             self.pattern_logits = nn.Parameter(torch.zeros(k, out))
 
     @classmethod
