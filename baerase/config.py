@@ -53,9 +53,9 @@ class Recovery:
     hidden: int = 256  # generator width (paper: 2048)
     lr: float = 1e-3  # Adam lr of the generator and statistics network (paper: 2e-4)
     mask_lr: float = 0.2  # Adam lr of the mask logits (mask family)
-    # Adam lr of the mean pattern's logits (mask family). Through the generator alone (lr) a fixed colour
-    # patch was still unlearned after 100 steps; at mask_lr, five classes of an MNIST model scanned with
-    # 175 images never found a working trigger, and the target's anomaly index fell to 1.8.
+    # Adam lr of the mean pattern's logits (mask family): through the generator alone (lr) a fixed colour
+    # patch is learned too slowly for 100 steps; at mask_lr, some classes of a scan with few clean images
+    # never find a working trigger.
     pattern_lr: float = 0.1
     mask_init: float = 0.5  # initial mask value at every pixel (mask family)
     betas: tuple[float, float] = (0.5, 0.999)

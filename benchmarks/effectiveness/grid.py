@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import asdict, dataclass
 
@@ -117,6 +116,9 @@ def beyond_grid(data: str | None = None) -> list[Cell]:
     return [beyond_cell(ds, attack, defenses=ALL_DEFENSES) for ds in datasets for attack in BEYOND]
 
 
+DRAWN_DEFENSES = ("baerase", "neural_cleanse", "fine_tune")
+
+
 def drawn_cell(data: str, seed: int) -> Cell:
     """A cell whose trigger, target, poison rate and training length are drawn from ``seed``: a patch of
     random colours at a random fixed place (``badnets{size}@{row},{col}``), a checkerboard at a random
@@ -134,14 +136,15 @@ def drawn_cell(data: str, seed: int) -> Cell:
         "clean": None,
     }[kind]
     rate, target, epochs = g.choice((0.05, 0.1, 0.2)), g.randrange(10), g.randrange(10, 21)
-    return Cell(data, attack=attack, rate=rate, target=target, seed=seed, epochs=epochs, tag="drawn")
+    return Cell(
+        data, attack=attack, rate=rate, target=target, seed=seed, epochs=epochs, defenses=DRAWN_DEFENSES, tag="drawn"
+    )
 
 
 def drawn_grid(data: str | None = None, n: int = 12) -> list[Cell]:
     """``n`` drawn cells (``drawn_cell``) per data set, MNIST and colour10: cases the defaults were not tuned on."""
     datasets = [data] if data else ["mnist", "colour10"]
-    return [dataclasses.replace(drawn_cell(ds, seed), defenses=DRAWN_DEFENSES) for ds in datasets for seed in range(n)]
+    return [drawn_cell(ds, seed) for ds in datasets for seed in range(n)]
 
 
-DRAWN_DEFENSES = ("baerase", "neural_cleanse", "fine_tune")
 GRIDS = {"small": small_grid, "full": full_grid, "beyond": beyond_grid, "drawn": drawn_grid}
