@@ -106,6 +106,9 @@ class Recovery:
     warp_lr: float = 0.05  # Adam step size of the warps' control points
     blend_max_strength: float = 0.95  # the strongest whole-image blend toward a grey level (blend family)
     blend_lr: float = 0.05  # Adam step size of the blends' strength and level logits
+    # Warp and blend families: after a third of the steps, a class whose transformation never flipped this
+    # share of success_threshold stops, out of reach (0: off). Their backdoor targets flip 42-100% by then.
+    give_up_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -145,7 +148,7 @@ class Recovery:
         _in_range(self, ("beta", "success_threshold", "untargeted_success", "mine_ma_rate"), 0, 1, open_low=True)
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
-        _in_range(self, ("converge_tol", "prescreen_share"), 0, 1)
+        _in_range(self, ("converge_tol", "prescreen_share", "give_up_share"), 0, 1)
         if not isinstance(self.converge_window, int) or self.converge_window < 0:
             raise ConfigError(f"converge_window must be an integer >= 0, got {self.converge_window!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):

@@ -77,6 +77,15 @@ def test_recovery_finds_the_warp_a_model_answers_and_counts_its_images():
     assert gain.item() >= 0.5  # a coherent shift; random warps of its size are not
 
 
+@pytest.mark.parametrize(("share", "class_0_steps"), [(0.25, 20), (0.0, 60)])
+def test_recovery_gives_up_a_class_no_warp_moves_after_a_third_of_the_steps(share, class_0_steps):
+    fit, val = blobs(64, seed=1), blobs(64, seed=2)
+    config = baerase.Config(family="warp", steps=60, batch_size=8, warp_lr=0.1, give_up_share=share)
+    result = recover(ShiftDetector(), fit, val, [0, 1], config)
+    assert result.steps.tolist() == [class_0_steps, 60]  # class 1 flips early and runs to the end
+    assert result.norms[0] == 3.0 and result.norms[1] < 3.0
+
+
 class CentroidClasses(nn.Module):
     """Class 0, unless the brightness centroid moves ``right`` pixels right (class 1), or ``far`` pixels
     left, down or up (classes 2-4)."""

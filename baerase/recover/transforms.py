@@ -33,9 +33,13 @@ def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on
     best = [p.detach().clone() for p in params]
     stopped = torch.zeros(len(found), dtype=torch.bool, device=device)
     ran, reach = torch.zeros(len(found), dtype=torch.long, device=device), torch.zeros(len(found), device=device)
+    peak = torch.zeros(len(found), device=device)
+    give_up_at = steps // 3 if r.give_up_share > 0 and len(found) > 1 else -1
     for step in range(steps):
         if enough is not None and step and step % 10 == 0:
             stopped |= enough(tracker.best_norm).to(device)
+        if step == give_up_at:  # out of reach: it would end at the family's limit
+            stopped |= ~tracker.found_any & (peak < r.give_up_share * r.success_threshold)
         if bool(stopped.all()):
             break
         active = ~stopped
@@ -43,6 +47,7 @@ def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on
         size = found.size()
         with torch.no_grad():
             improved = tracker.update(success, size.detach())
+            peak = torch.maximum(peak, success)
             best = [_where(improved, p.detach(), kept) for p, kept in zip(params, best, strict=True)]
             ran += active
             reach += attack * active
