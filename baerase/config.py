@@ -107,7 +107,7 @@ class Recovery:
     blend_max_strength: float = 0.95  # the strongest whole-image blend toward a grey level (blend family)
     blend_lr: float = 0.05  # Adam step size of the blends' strength and level logits
     # Warp and blend families: after a third of the steps, a class whose transformation never flipped this
-    # share of success_threshold stops, out of reach (0: off). Their backdoor targets flip 42-100% by then.
+    # share of success_threshold stops, out of reach (0: off). Their backdoor targets flip 58-100% by then.
     give_up_share: float = 0.25
 
     def __post_init__(self) -> None:

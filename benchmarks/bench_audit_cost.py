@@ -99,16 +99,26 @@ def test_scan_vs_neural_cleanse(benchmark, case):
 
 
 def test_clean_model_scan(benchmark, clean_case):
-    """A model found clean runs every fallback family: their images beside the mask family's alone."""
+    """A model found clean runs every fallback family: their images beside the mask family's alone, and
+    beside the fallbacks that never give up a class out of their reach."""
     model, x, y = clean_case
     config = baerase.Config(progress=False)
     report = benchmark.pedantic(baerase.scan, args=(model, x, y), kwargs={"config": config}, rounds=1)
     masks_only = baerase.scan(model, x, y, config=config.replace(fallback=()))
+    never_give_up = baerase.scan(model, x, y, config=config.replace(give_up_share=0.0))
     total, masks = report.cost.per_class(10), masks_only.cost.per_class(10)
+    full = never_give_up.cost.per_class(10)
     benchmark.extra_info.update(
-        images_per_class=total, mask_family_images_per_class=masks, flagged=report.flagged, family=report.family
+        images_per_class=total,
+        mask_family_images_per_class=masks,
+        never_give_up_images_per_class=full,
+        flagged=report.flagged,
+        family=report.family,
     )
-    print(f"\nclean model: {total:,.0f} images/class, {masks:,.0f} for the mask family alone; flagged {report.flagged}")
+    print(
+        f"\nclean model: {total:,.0f} images/class ({full:,.0f} never giving up a class), {masks:,.0f} for the "
+        f"mask family alone; flagged {report.flagged} ({never_give_up.flagged} never giving up)"
+    )
 
 
 ERASES = {"default": baerase.Config(progress=False), "short_erase": baerase.Config.short_erase(progress=False)}
