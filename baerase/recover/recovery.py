@@ -197,7 +197,8 @@ def _recover_scored_chunk(forward, fit, val, piece, config, mean, std, seed_offs
     rng.manual_seed(chunk_seed(config.run.seed + seed_offset, piece))
     if config.recovery.family in transforms.WHOLE_IMAGE_FAMILIES:
         tracker = _MaskCostTracker(len(piece), config, fit[0].device)
-        args = (forward, *fit, piece, config, mean, std, steps, on_step, enough, tracker)
+        budget = _Budget(len(piece), steps, config, fit[0].device, enough)
+        args = (forward, *fit, piece, config, mean, std, steps, on_step, budget, tracker)
         triggers, ran, reach = transforms.recover_chunk(*args)
     else:
         triggers, ran, reach = _recover_chunk(forward, *fit, piece, config, mean, std, steps, on_step, enough)
@@ -366,12 +367,18 @@ class _Budget:
       detection only flags a working trigger far below the median.
     - Convergence (``config.recovery.converge_window``): a class whose smallest working mask shrank
       by less than ``converge_tol`` over the last window stops.
+    - Giving up (warp and blend families, ``config.recovery.give_up_share``): at a third of the steps,
+      a class whose transformation never flipped that share of the success threshold stops; it would
+      end at the family's limit anyway.
     """
 
     def __init__(self, k: int, steps: int, config: Config, device: torch.device, enough=None, area: int = 1) -> None:
-        mask = config.recovery.family == "mask"
-        self.enough, self.area = (enough if mask else None), area
-        self.halve_at = steps // 3 if config.recovery.halving and mask and k > 1 else -1
+        r = config.recovery
+        mask, whole_image = r.family == "mask", r.family in transforms.WHOLE_IMAGE_FAMILIES
+        self.enough, self.area = (enough if mask or whole_image else None), area
+        self.halve_at = steps // 3 if r.halving and mask and k > 1 else -1
+        self.give_up_at = steps // 3 if r.give_up_share > 0 and whole_image and k > 1 else -1
+        self.give_up_share = r.give_up_share
         self.window = config.recovery.converge_window if mask else 0
         self.tol, self.threshold = config.recovery.converge_tol, config.recovery.success_threshold
         self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
@@ -389,6 +396,8 @@ class _Budget:
             log.info("halving: %d of %d candidate classes stop early", int(hopeless.sum()), len(norms))
         if self.enough is not None and step and step % _ENOUGH_EVERY == 0:
             self.stopped |= self.enough(tracker.best_norm * self.area).to(self.stopped.device)
+        if step == self.give_up_at:
+            self.stopped |= ~tracker.found_any & (self.peak < self.give_up_share * self.threshold)
         if self.window and step and step % self.window == 0:
             best = tracker.best_norm.clone()
             if self.last_best is not None:

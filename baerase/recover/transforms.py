@@ -21,48 +21,39 @@ def new_set(targets: list[int], images: torch.Tensor, config, device: torch.devi
     return _BUILDERS[config.recovery.family](targets, images, config, device)
 
 
-def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step, enough, tracker):
+def recover_chunk(forward, images, labels, targets, config, mean, std, steps, on_step, budget, tracker):
     """Fit one chunk's transformations: (the set holding, per class, the smallest that flipped
     ``success_threshold`` of a batch (else the last), steps each class ran [k], mean clipped target
-    probability [k]). ``tracker``: the adaptive size cost (see ``recovery._MaskCostTracker``)."""
-    device, r = images.device, config.recovery
-    found = new_set(targets, images, config, device)
+    probability [k]). ``budget``: which classes still run (``recovery._Budget``); ``tracker``: the
+    adaptive size cost (``recovery._MaskCostTracker``)."""
+    r = config.recovery
+    found = new_set(targets, images, config, images.device)
     params = list(found.parameters())
     lr = r.warp_lr if found.family == "warp" else r.blend_lr
     optimizer = torch.optim.Adam(params, lr=lr, betas=r.betas)
     best = [p.detach().clone() for p in params]
-    stopped = torch.zeros(len(found), dtype=torch.bool, device=device)
-    ran, reach = torch.zeros(len(found), dtype=torch.long, device=device), torch.zeros(len(found), device=device)
-    peak = torch.zeros(len(found), device=device)
-    give_up_at = steps // 3 if r.give_up_share > 0 and len(found) > 1 else -1
     for step in range(steps):
-        if enough is not None and step and step % 10 == 0:
-            stopped |= enough(tracker.best_norm).to(device)
-        if step == give_up_at:  # out of reach: it would end at the family's limit
-            stopped |= ~tracker.found_any & (peak < r.give_up_share * r.success_threshold)
-        if bool(stopped.all()):
+        active = budget.active(step, tracker, found)
+        if active is None:
             break
-        active = ~stopped
         loss, success, attack = _step(forward, images, labels, found, active, config, mean, std)
         size = found.size()
         with torch.no_grad():
             improved = tracker.update(success, size.detach())
-            peak = torch.maximum(peak, success)
             best = [_where(improved, p.detach(), kept) for p, kept in zip(params, best, strict=True)]
-            ran += active
-            reach += attack * active
+            budget.record(success, attack, active)
         optimizer.zero_grad(set_to_none=True)
         (loss + (tracker.cost * size * active).sum()).backward()
         optimizer.step()
         if on_step is not None:
             on_step(int(active.sum()))
     if on_step is not None:
-        on_step(int((steps - ran).sum()))
+        on_step(int((steps - budget.ran).sum()))
     with torch.no_grad():
         for p, kept in zip(params, best, strict=True):
             p.copy_(_where(tracker.found_any, kept, p))
         found.found.copy_(tracker.found_any)
-    return found, ran.cpu(), reach / ran.clamp(min=1)
+    return found, budget.ran.cpu(), budget.reach / budget.ran.clamp(min=1)
 
 
 def _where(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
