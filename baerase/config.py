@@ -56,7 +56,7 @@ class Recovery:
     # Adam lr of the mean pattern's logits (mask family): through the generator alone (lr) a fixed colour
     # patch is learned too slowly for 100 steps; at mask_lr, some classes of a scan with few clean images
     # never find a working trigger.
-    pattern_lr: float = 0.1
+    pattern_lr: float = 0.15
     mask_init: float = 0.5  # initial mask value at every pixel (mask family)
     betas: tuple[float, float] = (0.5, 0.999)
     alpha: float = 0.1  # weight of the entropy (mutual information) term
