@@ -379,8 +379,8 @@ class _Budget:
         self.halve_at = steps // 3 if r.halving and mask and k > 1 else -1
         self.give_up_at = steps // 3 if r.give_up_share > 0 and whole_image and k > 1 else -1
         self.give_up_share = r.give_up_share
-        self.window = config.recovery.converge_window if mask else 0
-        self.tol, self.threshold = config.recovery.converge_tol, config.recovery.success_threshold
+        self.window = r.converge_window if mask else 0
+        self.tol, self.threshold = r.converge_tol, r.success_threshold
         self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
         self.peak = torch.zeros(k, device=device)
         self.ran = torch.zeros(k, dtype=torch.long, device=device)
