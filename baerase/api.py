@@ -12,14 +12,14 @@ from torch import nn
 
 from . import budget, cost, distributed
 from .config import UNTARGETED_CHECK, Config
-from .detect import Verdict, detect, untargeted
+from .detect import Verdict, detect, independent, untargeted
 from .errors import InputError
 from .progress import progress
 from .recover import RecoveryResult, Screened, attack_success, blend, frozen, recover, recover_all, warp
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
-from .unlearn.rounds import erase_rounds
+from .unlearn.rounds import erase_rounds, unlearned_copy
 from .validate import Inputs, check_config, prepare
 
 Normalize = tuple[Any, Any] | None
@@ -228,18 +228,21 @@ def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost
 def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
     """``_judge``, and what the warp and blend families add: a flagged warp must be specific
     (``_specific_warps``), and a median out of the warps' reach is measured with a wider one
-    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``)."""
+    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``). Of several
+    flags, each must stand without the strongest (``_independent``)."""
     screened, verdict, reason = _judge(inputs, targets, spent)
     family = inputs.config.recovery.family
-    if reason is not None or family not in ("warp", "blend"):
-        return screened, verdict, reason
-    if family == "blend":
+    if reason is None and family == "blend":
         with cost.phase(spent, "confirmation"):
-            return screened, _caused_blends(inputs, screened, verdict), None
-    if not verdict.flagged.any():
-        return _beyond_reach(inputs, screened, verdict, spent)
-    with cost.phase(spent, "confirmation"):
-        return screened, _specific_warps(inputs, screened, verdict), None
+            verdict = _caused_blends(inputs, screened, verdict)
+    elif reason is None and family == "warp" and not verdict.flagged.any():
+        screened, verdict, reason = _beyond_reach(inputs, screened, verdict, spent)
+    elif reason is None and family == "warp":
+        with cost.phase(spent, "confirmation"):
+            verdict = _specific_warps(inputs, screened, verdict)
+    if reason is not None:
+        return screened, verdict, reason
+    return _independent(inputs, screened, verdict, spent)
 
 
 def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
@@ -333,6 +336,28 @@ def _unproven_warps(inputs: Inputs, screened: Screened, verdict: Verdict, wide: 
     if not suspects.any():
         return suspects
     return _specific_warps(inputs, screened, dataclasses.replace(verdict, flagged=suspects)).flagged
+
+
+def _independent(
+    inputs: Inputs, screened: Screened, verdict: Verdict, spent: cost.Cost
+) -> tuple[Screened, Verdict, str | None]:
+    """``detect.independent``: of several flagged targets, the strongest is unlearned from a copy of the
+    model for ``detection.independence_steps`` steps, and the others are recovered again on it."""
+    r, steps, keep = screened.recovery, inputs.config.detection.independence_steps, verdict.flagged
+
+    def rerecover_without(target: int):
+        probe = r.triggers.select(r.rows([target]))
+        unlearned = unlearned_copy(inputs, probe, steps, f"baerase independence (unlearn {target})")
+        return _rerecover(inputs, unlearned, "baerase independence")
+
+    try:
+        if r.triggers is not None:  # under torchrun only rank 0 holds them: it decides for all
+            with cost.phase(spent, "confirmation"):
+                keep = independent(verdict, r, inputs.config, rerecover_without, screened.reference).flagged
+    except cost.BudgetSpent as cut:
+        verdict, suspects = budget.no_verdict(screened, inputs.config)
+        return screened, verdict, cut.reason + (f"; unconfirmed suspects: classes {suspects}" if suspects else "")
+    return screened, dataclasses.replace(verdict, flagged=distributed.from_rank0(keep)), None
 
 
 def _confirmed(inputs: Inputs, screened: Screened, spent: cost.Cost) -> Verdict:

@@ -188,6 +188,10 @@ class Detection:
     # backdoor's mask is 1.3-2.6x the first's (two patches; a patch and a sine blend); an easy clean class
     # flagged beside a random-position BadNets target was 27-37x.
     max_flag_ratio: float = 8.0
+    # Several flags: the strongest flagged class is unlearned for this many steps and each other flagged
+    # class must be found again (0: off). An easy class reached through the backdoor beside it is not (a
+    # 12 px trigger grows to 30 px, under the 3x rule); a second backdoor is (4.4 -> 7.3 px).
+    independence_steps: int = 100
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
@@ -196,8 +200,9 @@ class Detection:
         _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink", "max_flag_ratio"), 1, float("inf"))
-        if not isinstance(self.confirmations, int) or self.confirmations < 0:
-            raise ConfigError(f"confirmations must be an integer >= 0, got {self.confirmations!r}")
+        for name in ("confirmations", "independence_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

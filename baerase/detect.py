@@ -1,8 +1,10 @@
 """Step 2: decide which classes are backdoored from the per-class recovery results.
 
 A class is flagged when its trigger is an anomaly among the classes' triggers (flag), and stays
-flagged only if independently seeded re-recoveries find it again (confirm). After an erase, the
-same judgement on a fresh recovery tells whether a backdoor is still there (verify).
+flagged only if independently seeded re-recoveries find it again (confirm). Beside the strongest
+flagged class, a class stays flagged only if it is found again once that class is unlearned
+(independent). After an erase, the same judgement on a fresh recovery tells whether a backdoor is
+still there (verify).
 
 When no class is flagged, an untargeted trigger (sending each image to any class but its own, and
 spreading its batch over the classes) tells an all-to-all backdoor apart: it is small and maps the
@@ -182,6 +184,39 @@ def detect(
         confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
         flagged[suspects] = found
     return Verdict(index, _near_the_strongest(flagged, values, side, d.max_flag_ratio), confirmation)
+
+
+def independent(
+    verdict: Verdict,
+    recovery: RecoveryResult,
+    config: Config,
+    rerecover_without: Callable[[int], Rerecover],
+    reference: torch.Tensor | None = None,
+) -> Verdict:
+    """``verdict`` keeping, beside its strongest flagged class, only the classes found again on a copy
+    of the model with that class unlearned (``rerecover_without(target)`` re-recovers on it): a second
+    backdoor answers its own trigger, an easy class reached through the first backdoor is lost with it.
+
+    ``reference``: bool [K], the classes whose values give the median and spread (None: all).
+    """
+    flagged = torch.nonzero(verdict.flagged).flatten()
+    if config.detection.independence_steps == 0 or verdict.untargeted is not None or len(flagged) < 2:
+        return verdict
+    side = side_of(config.recovery.family)
+    values = score_values(recovery.norms, recovery.success, side)
+    rows = torch.ones_like(verdict.flagged) if reference is None else reference
+    clean = values[rows & ~verdict.flagged]
+    if len(clean) < 2:
+        return verdict
+    ranked = values[flagged] if side == "low" else -values[flagged]
+    strongest = flagged[ranked.argmin()]
+    others = flagged[flagged != strongest]
+    rerecover = rerecover_without(recovery.targets[strongest])
+    shrink = min_shrink(config)
+    again = rerecover([recovery.targets[i] for i in others.tolist()], 0, None, _found_by_mass(clean, config, shrink))
+    keep = verdict.flagged.clone()
+    keep[others] = judge(again, clean, config, shrink)[1]
+    return dataclasses.replace(verdict, flagged=keep)
 
 
 def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, max_ratio: float) -> torch.Tensor:

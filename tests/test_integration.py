@@ -11,7 +11,14 @@ import torch
 from helpers import assert_same_state, snapshot
 
 import baerase
-from baerase.attacks import BadNets, attack_success_rate, clean_accuracy, train_backdoored, train_classifier
+from baerase.attacks import (
+    BadNets,
+    attack_success_rate,
+    clean_accuracy,
+    corner_backdoors,
+    train_backdoored,
+    train_classifier,
+)
 from baerase.data import load_mnist, split
 from baerase.models import SmallCNN
 
@@ -118,3 +125,18 @@ def test_mnist_clean_model_is_not_flagged(mnist):
     assert report.flagged == []
     result = baerase.erase(model, xc, yc, report, config=FAST)
     assert result.erased == [] and result.verified
+
+
+@pytest.mark.slow
+def test_mnist_two_backdoors_each_stand_without_the_other(mnist):
+    # The independence test unlearns the strongest target from a copy and recovers the other again.
+    (x, y), (xc, yc), (xt, yt) = mnist
+    backdoors = corner_backdoors((0, 5), size=4, seed=1)
+    model = train_backdoored(SmallCNN(1, 10, 28), x, y, backdoors.triggers, backdoors.targets, 0.1, epochs=10, seed=0)
+    assert min(backdoors.success_rates(model, xt, yt).values()) > 0.8
+    without = baerase.scan(model, xc, yc, config=baerase.Config(progress=False, independence_steps=0))
+    report = baerase.scan(model, xc, yc, config=baerase.Config(progress=False))
+    assert without.flagged == report.flagged == [0, 5]
+    probe = report.cost.phases["confirmation"].backward - without.cost.phases["confirmation"].backward
+    defaults = baerase.Config()
+    assert probe >= defaults.detection.independence_steps * defaults.unlearning.unlearn_batch_size

@@ -164,6 +164,49 @@ def test_a_class_flagged_far_above_the_strongest_trigger_is_not_a_second_backdoo
     assert torch.nonzero(verdict.flagged).flatten().tolist() == flagged
 
 
+def _flagged_beside(second: float) -> tuple:
+    """A recovery of ten classes flagging the backdoor (class 0) and class 8 (``second`` px), and its verdict."""
+    from baerase.detect import Verdict
+    from baerase.recover import RecoveryResult
+
+    norms = torch.tensor([3.0, 60.0, 55.0, 62.0, 58.0, 61.0, 57.0, 59.0, second, 63.0])
+    found = RecoveryResult(list(range(10)), None, torch.full((10,), 0.9), norms, torch.full((10,), 100))
+    flagged = torch.zeros(10, dtype=torch.bool)
+    flagged[[0, 8]] = True
+    return found, Verdict(torch.zeros(10), flagged, torch.full((10,), float("nan")))
+
+
+@pytest.mark.parametrize(("again", "kept"), [(30.0, [0]), (7.0, [0, 8])])
+def test_a_class_lost_with_the_strongest_backdoor_is_not_a_second_one(again, kept):
+    from baerase.detect import independent
+    from baerase.recover import RecoveryResult
+
+    found, verdict = _flagged_beside(12.0)
+    asked = []
+
+    def rerecover_without(target):
+        asked.append(target)
+
+        def rerecover(targets, seed_offset, steps, enough=None):
+            asked.append(targets)
+            n = len(targets)
+            return RecoveryResult(targets, None, torch.full((n,), 0.9), torch.full((n,), again), torch.full((n,), 100))
+
+        return rerecover
+
+    verdict = independent(verdict, found, Config(), rerecover_without)
+    assert asked == [0, [8]], "the strongest is unlearned, the other recovered again"
+    assert torch.nonzero(verdict.flagged).flatten().tolist() == kept
+
+
+def test_the_independence_test_is_off_at_zero_steps():
+    from baerase.detect import independent
+
+    found, verdict = _flagged_beside(12.0)
+    kept = independent(verdict, found, Config(independence_steps=0), lambda target: pytest.fail("no unlearning"))
+    assert torch.nonzero(kept.flagged).flatten().tolist() == [0, 8]
+
+
 def test_stamp_shift_and_spread_move_and_grow_the_mask():
     triggers = TriggerSet([1], (1, 6, 6), hidden=16, mine_hidden=8)
     with torch.no_grad():

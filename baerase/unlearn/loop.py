@@ -119,6 +119,7 @@ def unlearn(
     original: nn.Module | None = None,
     on_step: Callable[[int], None] | None = None,
     round_: int = 1,
+    steps: StepBudget | None = None,
 ) -> UnlearnOutcome:
     """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
 
@@ -126,7 +127,8 @@ def unlearn(
     A checkpoint is only returned if its validation accuracy is at least ``accuracy_floor``
     (default: the starting accuracy minus ``config.unlearning.max_accuracy_drop``) and it breaks at most
     ``max_accuracy_drop`` of the clean images ``original`` (default ``model``) got right.
-    ``on_step(n)`` is called after every n optimisation steps (progress); ``round_`` sets the step budget.
+    ``on_step(n)`` is called after every n optimisation steps (progress); ``round_`` sets the step budget
+    unless ``steps`` gives it.
     """
     settings = config.unlearning
     repaired = _trainable_copy(model)
@@ -139,7 +141,7 @@ def unlearn(
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
-        budget = step_budget(config, len(fit[1]), round_)
+        budget = step_budget(config, len(fit[1]), round_) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)

@@ -12,11 +12,11 @@ from torch import nn
 from .. import cost
 from ..detect import score_values, side_of, untargeted, verify
 from ..progress import progress
-from ..recover import UNTARGETED, RecoveryResult, families, frozen
+from ..recover import UNTARGETED, RecoveryResult, TriggerSet, families, frozen
 from ..report import UNCHANGED, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
-from .loop import UnlearnOutcome, step_budget, unlearn
+from .loop import StepBudget, UnlearnOutcome, step_budget, unlearn
 
 # Below this many guard images, one image is over twice the allowed accuracy drop, and unlearning
 # can lose more on unseen data than the guard sees.
@@ -72,6 +72,26 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
             break
         triggers = families.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
     return _result(inputs, flagged, outcomes, history, evidence, bool(still.any()), spent)
+
+
+def unlearned_copy(inputs: Inputs, triggers: TriggerSet, steps: int, desc: str) -> nn.Module:
+    """A copy of the model with ``triggers`` unlearned for ``steps`` steps under the guard: a probe of
+    what depends on them, not an erase (no verification)."""
+    cfg = inputs.config
+    with progress(steps, desc, cfg.run.progress) as bar:
+        outcome = unlearn(
+            inputs.model,
+            triggers,
+            inputs.fit,
+            inputs.held_out,
+            cfg,
+            inputs.mean,
+            inputs.std,
+            inputs.num_classes,
+            on_step=bar.update,
+            steps=StepBudget(steps, steps),
+        )
+    return outcome.model
 
 
 def _verify_untargeted(
