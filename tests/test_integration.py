@@ -4,6 +4,7 @@ The default run audits the session's small colour model (``backdoored`` in conft
 MNIST audits of a backdoored and a clean model are ``slow`` (run them with ``-m slow``).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -67,6 +68,27 @@ def test_erase_removes_the_real_trigger_and_keeps_clean_accuracy(backdoored, aud
     assert result.cost.phases["unlearning"].backward > 0 and result.cost.phases["verification"].forward > 0
     assert_same_state(before, backdoored.model, "input model")
     assert not any(p.requires_grad for p in result.model.parameters()) and not result.model.training
+
+
+def test_a_second_flag_not_found_again_without_the_target_is_dropped(backdoored, one_thread, monkeypatch):
+    # Flag the hardest clean class beside the target: on the copy without the target it is no outlier.
+    import baerase.api
+
+    confirmed = baerase.api._confirmed
+
+    def with_a_second_flag(inputs, screened, spent):
+        verdict = confirmed(inputs, screened, spent)
+        flagged = verdict.flagged.clone()
+        flagged[screened.recovery.norms.argmax()] = True
+        return dataclasses.replace(verdict, flagged=flagged)
+
+    monkeypatch.setattr(baerase.api, "_confirmed", with_a_second_flag)
+    x, y = backdoored.clean
+    without = baerase.scan(backdoored.model, x, y, config=SMALL.replace(independence_steps=0))
+    report = baerase.scan(backdoored.model, x, y, config=SMALL)
+    assert len(without.flagged) == 2 and report.flagged == [backdoored.target]
+    probe = report.cost.phases["confirmation"].backward - without.cost.phases["confirmation"].backward
+    assert probe >= SMALL.detection.independence_steps * SMALL.unlearning.unlearn_batch_size
 
 
 def test_outputs_are_written_and_reload(backdoored, audited, tmp_path):
