@@ -118,7 +118,6 @@ def unlearn(
     accuracy_floor: float | None = None,
     original: nn.Module | None = None,
     on_step: Callable[[int], None] | None = None,
-    round_: int = 1,
     steps: StepBudget | None = None,
 ) -> UnlearnOutcome:
     """Unlearn every class in ``triggers`` from a copy of ``model``; the input is never modified.
@@ -127,8 +126,8 @@ def unlearn(
     A checkpoint is only returned if its validation accuracy is at least ``accuracy_floor``
     (default: the starting accuracy minus ``config.unlearning.max_accuracy_drop``) and it breaks at most
     ``max_accuracy_drop`` of the clean images ``original`` (default ``model``) got right.
-    ``on_step(n)`` is called after every n optimisation steps (progress); ``round_`` sets the step budget
-    unless ``steps`` gives it.
+    ``on_step(n)`` is called after every n optimisation steps (progress); ``steps`` bounds them (None:
+    a first round's ``step_budget``).
     """
     settings = config.unlearning
     repaired = _trainable_copy(model)
@@ -141,7 +140,7 @@ def unlearn(
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
-        budget = step_budget(config, len(fit[1]), round_) if steps is None else steps
+        budget = step_budget(config, len(fit[1])) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)

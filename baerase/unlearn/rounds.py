@@ -39,26 +39,10 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     )
     spent, current, outcomes, history = cost.Cost(), model, [], []
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
-        with (
-            cost.phase(spent, "unlearning"),
-            progress(
-                step_budget(cfg, len(inputs.fit[1]), round_).most, f"baerase unlearn (round {round_})", cfg.run.progress
-            ) as bar,
-        ):
-            outcome = unlearn(
-                current,
-                triggers,
-                inputs.fit,
-                inputs.held_out,
-                cfg,
-                inputs.mean,
-                inputs.std,
-                inputs.num_classes,
-                accuracy_floor=floor,
-                original=model,
-                on_step=bar.update,
-                round_=round_,
-            )
+        with cost.phase(spent, "unlearning"):
+            budget = step_budget(cfg, len(inputs.fit[1]), round_)
+            outcome = _unlearn(inputs, current, triggers, budget, f"baerase unlearn (round {round_})",
+                               accuracy_floor=floor, original=model)  # fmt: skip
         outcomes.append(outcome)
         history += [dict(row, round=round_) for row in outcome.history]
         current = outcome.model
@@ -77,21 +61,18 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
 def unlearned_copy(inputs: Inputs, triggers: TriggerSet, steps: int, desc: str) -> nn.Module:
     """A copy of the model with ``triggers`` unlearned for ``steps`` steps under the guard: a probe of
     what depends on them, not an erase (no verification)."""
+    return _unlearn(inputs, inputs.model, triggers, StepBudget(steps, steps), desc).model
+
+
+def _unlearn(
+    inputs: Inputs, model: nn.Module, triggers: TriggerSet, steps: StepBudget, desc: str, **guard
+) -> UnlearnOutcome:
+    """``unlearn`` of ``triggers`` from a copy of ``model`` on the inputs' splits, with a progress bar
+    (``guard``: its accuracy floor and original model)."""
     cfg = inputs.config
-    with progress(steps, desc, cfg.run.progress) as bar:
-        outcome = unlearn(
-            inputs.model,
-            triggers,
-            inputs.fit,
-            inputs.held_out,
-            cfg,
-            inputs.mean,
-            inputs.std,
-            inputs.num_classes,
-            on_step=bar.update,
-            steps=StepBudget(steps, steps),
-        )
-    return outcome.model
+    with progress(steps.most, desc, cfg.run.progress) as bar:
+        return unlearn(model, triggers, inputs.fit, inputs.held_out, cfg, inputs.mean, inputs.std, inputs.num_classes,
+                       on_step=bar.update, steps=steps, **guard)  # fmt: skip
 
 
 def _verify_untargeted(
