@@ -343,7 +343,7 @@ def _independent(
 ) -> tuple[Screened, Verdict, str | None]:
     """``detect.independent``: of several flagged targets, the strongest is unlearned from a copy of the
     model for ``detection.independence_steps`` steps, and the others are recovered again on it."""
-    r, steps, keep = screened.recovery, inputs.config.detection.independence_steps, verdict.flagged
+    r, steps, tested = screened.recovery, inputs.config.detection.independence_steps, verdict
 
     def rerecover_without(target: int):
         probe = r.triggers.select(r.rows([target]))
@@ -353,11 +353,12 @@ def _independent(
     try:
         if r.triggers is not None:  # under torchrun only rank 0 holds them: it decides for all
             with cost.phase(spent, "confirmation"):
-                keep = independent(verdict, r, inputs.config, rerecover_without, screened.reference).flagged
+                tested = independent(verdict, r, inputs.config, rerecover_without, screened.reference)
     except cost.BudgetSpent as cut:
         verdict, suspects = budget.no_verdict(screened, inputs.config)
         return screened, verdict, cut.reason + (f"; unconfirmed suspects: classes {suspects}" if suspects else "")
-    return screened, dataclasses.replace(verdict, flagged=distributed.from_rank0(keep)), None
+    flagged, lost_with = distributed.from_rank0((tested.flagged, tested.lost_with))
+    return screened, dataclasses.replace(verdict, flagged=flagged, lost_with=lost_with), None
 
 
 def _confirmed(inputs: Inputs, screened: Screened, spent: cost.Cost) -> Verdict:

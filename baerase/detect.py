@@ -109,6 +109,7 @@ class Verdict:
     flagged: torch.Tensor
     confirmation: torch.Tensor
     untargeted: TriggerSet | None = None  # an all-to-all backdoor's trigger; then ``flagged`` marks its targets
+    lost_with: torch.Tensor | None = None  # [K]: the stronger class a flag was lost with (``independent``), else -1
 
 
 def min_shrink(config: Config) -> float:
@@ -214,9 +215,10 @@ def independent(
     rerecover = rerecover_without(recovery.targets[strongest])
     shrink = min_shrink(config)
     again = rerecover([recovery.targets[i] for i in others.tolist()], 0, None, _found_by_mass(clean, config, shrink))
-    keep = verdict.flagged.clone()
+    keep, lost_with = verdict.flagged.clone(), torch.full(verdict.flagged.shape, -1, dtype=torch.long)
     keep[others] = judge(again, clean, config, shrink)[1]
-    return dataclasses.replace(verdict, flagged=keep)
+    lost_with[others[~keep[others]]] = recovery.targets[strongest]
+    return dataclasses.replace(verdict, flagged=keep, lost_with=lost_with)
 
 
 def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, max_ratio: float) -> torch.Tensor:

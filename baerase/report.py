@@ -21,8 +21,8 @@ from .errors import DivergenceError, InputError
 from .recover import UNTARGETED, TriggerSet, families
 from .report_html import write_html
 
-# The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``.
-SCHEMA_VERSION = 3
+# The version of report.json's layout (baerase/schema/report.schema.json); 3 added ``cut_short``, 4 ``lost_with``.
+SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -37,6 +37,17 @@ class ClassResult:
     confirmation_index: float | None = None  # lowest anomaly index over independent re-recoveries (suspects)
     steps: int | None = None  # optimisation steps its recovery ran (fewer when it converged early)
     screened_out: bool = False  # only pre-screened (many classes): too hard to reach to be a candidate
+    # An outlier not found again once this stronger flagged class was unlearned: reached through its backdoor.
+    lost_with: int | None = None
+
+    @property
+    def flag_text(self) -> str:
+        """ "yes" when flagged, else why an outlier or a class is not ("lost with class t", "screened out")."""
+        if self.flagged:
+            return "yes"
+        if self.lost_with is not None:
+            return f"lost with class {self.lost_with}"
+        return "screened out" if self.screened_out else ""
 
 
 @dataclass
@@ -113,7 +124,7 @@ class ScanReport:
         for c in self.classes:
             lines.append(
                 f"| {c.target} | {c.attack_success:.3f} | {c.trigger_norm:.1f} | {c.anomaly_index:.2f} | "
-                f"{'yes' if c.flagged else ''} |"
+                f"{c.flag_text} |"
             )
         lines += ["", "Cost (images through the suspect model):", self.cost.table(self.num_classes)]
         return "\n".join(lines)
@@ -124,6 +135,7 @@ class ScanReport:
         ``verdict`` (detect.Verdict) the flags; ``backends`` the op backends that ran."""
         cfg, recovery = inputs.config, screened.recovery
         full = [True] * len(recovery.targets) if screened.recovered is None else screened.recovered.tolist()
+        lost = [-1] * len(recovery.targets) if verdict.lost_with is None else verdict.lost_with.tolist()
         columns = zip(
             recovery.targets,
             recovery.success.tolist(),
@@ -133,6 +145,7 @@ class ScanReport:
             verdict.confirmation.tolist(),
             recovery.steps.tolist(),
             full,
+            lost,
             strict=False,
         )
         classes = [
@@ -145,8 +158,9 @@ class ScanReport:
                 confirmation_index=None if math.isnan(c) else c,
                 steps=int(r),
                 screened_out=not whole,
+                lost_with=None if w < 0 else w,
             )
-            for t, s, n, a, f, c, r, whole in columns
+            for t, s, n, a, f, c, r, whole, w in columns
         ]
         stamp_op = "patch_apply" if cfg.recovery.family == "patch" else "trigger_apply"
         return ScanReport(

@@ -131,7 +131,7 @@ def _classes_section(report: ScanReport) -> str:
         cells = [str(c.target), _num(c.anomaly_index), _num(c.trigger_norm, 1), f"{c.attack_success:.1%}"]
         if confirm:
             cells.append("" if c.confirmation_index is None else _num(c.confirmation_index))
-        cells.append("yes" if c.flagged else ("screened out" if c.screened_out else ""))
+        cells.append(c.flag_text)
         rows.append((cells, "flagged" if c.flagged else ""))
     note = (
         f'<p class="note">{len(report.classes)} classes: the table and chart show the flagged classes and the '

@@ -87,6 +87,9 @@ def test_a_second_flag_not_found_again_without_the_target_is_dropped(backdoored,
     without = baerase.scan(backdoored.model, x, y, config=SMALL.replace(independence_steps=0))
     report = baerase.scan(backdoored.model, x, y, config=SMALL)
     assert len(without.flagged) == 2 and report.flagged == [backdoored.target]
+    (second,) = set(without.flagged) - {backdoored.target}
+    assert report.classes[second].lost_with == backdoored.target
+    assert f"lost with class {backdoored.target}" in report.summary()
     probe = report.cost.phases["confirmation"].backward - without.cost.phases["confirmation"].backward
     assert probe >= SMALL.detection.independence_steps * SMALL.unlearning.unlearn_batch_size
 

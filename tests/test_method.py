@@ -197,6 +197,7 @@ def test_a_class_lost_with_the_strongest_backdoor_is_not_a_second_one(again, kep
     verdict = independent(verdict, found, Config(), rerecover_without)
     assert asked == [0, [8]], "the strongest is unlearned, the other recovered again"
     assert torch.nonzero(verdict.flagged).flatten().tolist() == kept
+    assert verdict.lost_with[8] == (0 if kept == [0] else -1) and (verdict.lost_with[:8] == -1).all()
 
 
 def test_the_independence_test_is_off_at_zero_steps():
