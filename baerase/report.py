@@ -42,7 +42,7 @@ class ClassResult:
 
     @property
     def flag_text(self) -> str:
-        """ "yes" when flagged, else why an outlier or a class is not ("lost with class t", "screened out")."""
+        """The flagged column: yes, or why an outlier or a class is not ("lost with class t", "screened out")."""
         if self.flagged:
             return "yes"
         if self.lost_with is not None:
