@@ -25,6 +25,13 @@ def _positive_ints(group, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _non_negative_ints(group, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(group, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _in_range(
     group, names: tuple[str, ...], low: float, high: float, open_low: bool = False, open_high: bool = False
 ) -> None:
@@ -149,8 +156,7 @@ class Recovery:
         _in_range(self, ("mask_init",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("cost_up", "cost_down"), 1, float("inf"))
         _in_range(self, ("converge_tol", "prescreen_share", "give_up_share"), 0, 1)
-        if not isinstance(self.converge_window, int) or self.converge_window < 0:
-            raise ConfigError(f"converge_window must be an integer >= 0, got {self.converge_window!r}")
+        _non_negative_ints(self, ("converge_window",))
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ConfigError(f"chunk_size must be >= 1 or None, got {self.chunk_size!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -200,9 +206,7 @@ class Detection:
         _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
         _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink", "max_flag_ratio"), 1, float("inf"))
-        for name in ("confirmations", "independence_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        _non_negative_ints(self, ("confirmations", "independence_steps"))
 
 
 @dataclass(frozen=True)
@@ -244,10 +248,7 @@ class Unlearning:
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("unlearn_epochs", "unlearn_batch_size", "erase_rounds", "eval_every", "warmup_steps"))
-        for name in ("margin_evals", "min_steps", "bisections", "scarce_per_class", "patch_reach"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        _non_negative_ints(self, ("margin_evals", "min_steps", "bisections", "scarce_per_class", "patch_reach"))
         _in_range(self, ("unlearn_lr",), 0, float("inf"), open_low=True)
         _in_range(self, ("round_growth",), 1, float("inf"))
         _in_range(self, ("final_lr_share",), 0, 1)

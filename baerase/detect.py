@@ -179,9 +179,8 @@ def detect(
         suspects = torch.nonzero(flagged).flatten()
         if len(suspects) == 0:
             break
-        found_again = _found_by_mass(reference, config, min_shrink(config))
-        again = rerecover([recovery.targets[i] for i in suspects.tolist()], offset, None, found_again)
-        found_index, found = judge(again, reference, config, min_shrink(config))
+        suspected = [recovery.targets[i] for i in suspects.tolist()]
+        _, found_index, found = _recovered_again(rerecover, suspected, offset, reference, config, min_shrink(config))
         confirmation[suspects] = torch.fmin(confirmation[suspects], found_index)
         flagged[suspects] = found
     return Verdict(index, _near_the_strongest(flagged, values, side, d.max_flag_ratio), confirmation)
@@ -213,10 +212,9 @@ def independent(
     strongest = flagged[ranked.argmin()]
     others = flagged[flagged != strongest]
     rerecover = rerecover_without(recovery.targets[strongest])
-    shrink = min_shrink(config)
-    again = rerecover([recovery.targets[i] for i in others.tolist()], 0, None, _found_by_mass(clean, config, shrink))
     keep, lost_with = verdict.flagged.clone(), torch.full(verdict.flagged.shape, -1, dtype=torch.long)
-    keep[others] = judge(again, clean, config, shrink)[1]
+    other_targets = [recovery.targets[i] for i in others.tolist()]
+    keep[others] = _recovered_again(rerecover, other_targets, 0, clean, config, min_shrink(config))[2]
     lost_with[others[~keep[others]]] = recovery.targets[strongest]
     return dataclasses.replace(verdict, flagged=keep, lost_with=lost_with)
 
@@ -240,8 +238,7 @@ def verify(
     Returns (recovery, per-class evidence, still-backdoored bool [len(targets)]).
     """
     shrink = max(min_shrink(config), config.detection.verify_shrink)
-    again = rerecover(targets, 0, steps, _found_by_mass(reference, config, shrink))
-    index, found = judge(again, reference, config, shrink)
+    again, index, found = _recovered_again(rerecover, targets, 0, reference, config, shrink, steps)
     evidence = [
         {
             "target": t,
@@ -255,6 +252,21 @@ def verify(
         )
     ]
     return again, evidence, found
+
+
+def _recovered_again(
+    rerecover: Rerecover,
+    targets: list[int],
+    seed_offset: int,
+    reference: torch.Tensor,
+    config: Config,
+    min_shrink: float,
+    steps: int | None = None,
+) -> tuple[RecoveryResult, torch.Tensor, torch.Tensor]:
+    """Re-recover ``targets`` (each stops once its mask is an outlier) and judge them against ``reference``:
+    (the recovery, anomaly index [k], found [k])."""
+    again = rerecover(targets, seed_offset, steps, _found_by_mass(reference, config, min_shrink))
+    return (again, *judge(again, reference, config, min_shrink))
 
 
 def _found_by_mass(
