@@ -14,7 +14,7 @@ from baerase.config import Unlearning
 from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 from baerase.unlearn.batch import _radius
-from baerase.unlearn.loop import StepBudget, step_budget
+from baerase.unlearn.loop import StepBudget, _without_targets, step_budget
 
 torch.set_num_threads(1)
 
@@ -250,6 +250,19 @@ def test_each_further_round_unlearns_round_growth_times_longer():
         config.replace(round_growth=0.5)
 
 
+def test_the_soft_targets_drop_the_targets_share_on_other_classes_images():
+    logp = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)).log_softmax(1)
+    labels = torch.tensor([0, 1, 2, 3])
+    cleared = _without_targets(logp, labels, torch.tensor([1, 3, -1]))  # -1: an untargeted trigger
+    assert torch.isfinite(cleared).all()
+    assert torch.allclose(cleared.exp().sum(1), torch.ones(4))
+    assert cleared[[0, 2]][:, [1, 3]].exp().max() < 1e-30  # images of other classes: no share left
+    kept = [0, 2, 4]  # the other classes keep their proportions
+    assert torch.allclose(cleared[[0, 2]][:, kept].softmax(1), logp[[0, 2]][:, kept].softmax(1))
+    assert torch.equal(cleared[[1, 3]], logp[[1, 3]])  # a target's own images keep its answers
+    assert torch.equal(_without_targets(logp, labels, torch.tensor([-1])), logp)
+
+
 def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_trigger_flags():
     net, t = linear(), triggers()
     t.mask_logits.requires_grad_(False)
@@ -260,6 +273,7 @@ def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_tri
     assert [row["step"] for row in outcome.history if "share" not in row] == [0, 5, 10, 15, 20]
     assert "loss_total" not in outcome.history[0]
     assert all("loss_ascent" in row for row in outcome.history[1:] if "share" not in row)
+    assert all(row["loss_total"] is not None for row in outcome.history[1:] if "share" not in row)
     assert [p.requires_grad for p in t.parameters()] == flags
     assert not any(p.requires_grad for p in outcome.model.parameters())
 

@@ -35,6 +35,10 @@ class UnlearnOutcome:
     kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
 
 
+# A finite log(0): the KL's 0 * (log 0 - x) must be 0, not NaN.
+_LOG_ZERO = -100.0
+
+
 @contextmanager
 def _fixed(triggers: nn.Module) -> Iterator[None]:
     """No gradients into the triggers' parameters for the duration; the caller's flags are restored."""
@@ -63,6 +67,17 @@ def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.T
     """The original's log-probabilities on the fit, then the val images: soft targets that hold the clean
     function (a few hundred labels alone overfit), and the images it got right, which no checkpoint may break."""
     return F.log_softmax(logits_of(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
+
+
+def _without_targets(logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The original's log-probabilities [N, K] with the targets' share removed on images of other classes:
+    a backdoor leaks into its answers on clean images, and the soft targets must not hold that leak."""
+    targets = targets[targets >= 0].to(logp.device)  # an untargeted trigger has no class to remove
+    if not len(targets):
+        return logp
+    other = ~torch.isin(labels.to(logp.device), targets)
+    cleared = logp.index_fill(1, targets, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
+    return torch.where(other.unsqueeze(1), cleared, logp)
 
 
 class _Schedule:
@@ -138,7 +153,8 @@ def unlearn(
         guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
                       accuracy_floor=accuracy_floor)  # fmt: skip
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
-        loss_of = UnlearnLoss(config, reference_logp[: len(fit[1])], anchor, num_classes,
+        fit_logp = _without_targets(reference_logp[: len(fit[1])], fit[1], triggers.targets)
+        loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
         budget = step_budget(config, len(fit[1])) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
