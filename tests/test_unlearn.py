@@ -14,7 +14,7 @@ from baerase.config import Unlearning
 from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 from baerase.unlearn.batch import _radius
-from baerase.unlearn.loop import StepBudget, _without_targets, step_budget
+from baerase.unlearn.loop import StepBudget, _leaked, _without, step_budget
 
 torch.set_num_threads(1)
 
@@ -250,17 +250,38 @@ def test_each_further_round_unlearns_round_growth_times_longer():
         config.replace(round_growth=0.5)
 
 
-def test_the_soft_targets_drop_the_targets_share_on_other_classes_images():
-    logp = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)).log_softmax(1)
-    labels = torch.tensor([0, 1, 2, 3])
-    cleared = _without_targets(logp, labels, torch.tensor([1, 3, -1]))  # -1: an untargeted trigger
+def _answers_with_target_share(target_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of 4 classes on two images of each: right at 0.8, and class 0 drawing
+    ``target_share`` of every other class's images, where the other wrong classes draw 0.05-0.1."""
+    labels = torch.arange(4).repeat_interleave(2)
+    probs = torch.full((8, 4), 0.05)
+    probs[torch.arange(8), (labels + 1) % 4] = 0.1
+    probs[labels != 0, 0] = target_share
+    probs[torch.arange(8), labels] = 0.8
+    return (probs / probs.sum(1, keepdim=True)).log(), labels
+
+
+def test_a_target_that_draws_far_more_of_other_classes_answers_than_any_clean_class_has_leaked():
+    leaking, labels = _answers_with_target_share(0.5)
+    assert _leaked(leaking, labels, torch.tensor([0]), 3.0).tolist() == [0]
+    assert _leaked(leaking, labels, torch.tensor([0]), float("inf")).tolist() == []  # off
+    assert _leaked(leaking, labels, torch.tensor([-1]), 3.0).tolist() == []  # untargeted: no class of its own
+    assert _leaked(leaking, labels, torch.arange(4), 3.0).tolist() == []  # every class flagged: nothing to compare
+    plain, labels = _answers_with_target_share(0.1)  # as much as a clean class's most confused neighbour
+    assert _leaked(plain, labels, torch.tensor([0]), 3.0).tolist() == []
+
+
+def test_the_soft_targets_drop_a_leaked_targets_share_on_other_classes_images():
+    logp, labels = _answers_with_target_share(0.5)
+    cleared = _without(logp, labels, torch.tensor([0]))
     assert torch.isfinite(cleared).all()
-    assert torch.allclose(cleared.exp().sum(1), torch.ones(4))
-    assert cleared[[0, 2]][:, [1, 3]].exp().max() < 1e-30  # images of other classes: no share left
-    kept = [0, 2, 4]  # the other classes keep their proportions
-    assert torch.allclose(cleared[[0, 2]][:, kept].softmax(1), logp[[0, 2]][:, kept].softmax(1))
-    assert torch.equal(cleared[[1, 3]], logp[[1, 3]])  # a target's own images keep its answers
-    assert torch.equal(_without_targets(logp, labels, torch.tensor([-1])), logp)
+    assert torch.allclose(cleared.exp().sum(1), torch.ones(8))
+    other = labels != 0
+    assert cleared[other, 0].exp().max() < 1e-30
+    kept = [1, 2, 3]  # the other classes keep their proportions
+    assert torch.allclose(cleared[other][:, kept].softmax(1), logp[other][:, kept].softmax(1))
+    assert torch.equal(cleared[~other], logp[~other])  # the target's own images keep their answers
+    assert torch.equal(_without(logp, labels, torch.tensor([], dtype=torch.long)), logp)
 
 
 def test_unlearn_logs_the_loss_terms_in_each_evaluation_row_and_restores_the_trigger_flags():
@@ -307,7 +328,7 @@ def test_settings_are_frozen_and_checked():
     assert CFG.replace(min_steps=40).unlearning.min_steps == 40  # a flat knob reaches its group
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.min_steps = 1
-    for bad in ({"eval_every": 0}, {"warmup_steps": 0}, {"copy_weight": -1.0}):
+    for bad in ({"eval_every": 0}, {"warmup_steps": 0}, {"copy_weight": -1.0}, {"leak_ratio": 0.5}):
         with pytest.raises(ConfigError):
             Unlearning(**bad)
         with pytest.raises(ConfigError):

@@ -69,14 +69,26 @@ def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.T
     return F.log_softmax(logits_of(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
 
 
-def _without_targets(logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The original's log-probabilities [N, K] with the targets' share removed on images of other classes:
-    a backdoor leaks into its answers on clean images, and the soft targets must not hold that leak."""
-    targets = targets[targets >= 0].to(logp.device)  # an untargeted trigger has no class to remove
-    if not len(targets):
+def _leaked(logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The targets [L] that draw over ``ratio`` times the share any unflagged class draws of the original's
+    answers [N, K] (log-probabilities) on the images of other classes: a weakly learnt backdoor leaks there."""
+    k = logp.shape[1]
+    targets = targets[targets >= 0].to(logp.device)  # an untargeted trigger has no class of its own
+    flagged = torch.zeros(k, dtype=torch.bool, device=logp.device)
+    flagged[targets] = True
+    if flagged.all() or not flagged.any():
+        return targets[:0]
+    others = labels.to(logp.device).unsqueeze(1) != torch.arange(k, device=logp.device)
+    share = (logp.exp() * others).sum(0) / others.sum(0).clamp(min=1)
+    return targets[share[targets] > ratio * share[~flagged].max()]
+
+
+def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [N, K] with the share of ``classes`` removed on the images of other classes."""
+    if not len(classes):
         return logp
-    other = ~torch.isin(labels.to(logp.device), targets)
-    cleared = logp.index_fill(1, targets, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
+    other = ~torch.isin(labels.to(logp.device), classes)
+    cleared = logp.index_fill(1, classes, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
     return torch.where(other.unsqueeze(1), cleared, logp)
 
 
@@ -153,7 +165,9 @@ def unlearn(
         guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
                       accuracy_floor=accuracy_floor)  # fmt: skip
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
-        fit_logp = _without_targets(reference_logp[: len(fit[1])], fit[1], triggers.targets)
+        # The soft targets must not hold a backdoor's leak into the original's clean answers.
+        leaked = _leaked(reference_logp, torch.cat([fit[1], val[1]]), triggers.targets, settings.leak_ratio)
+        fit_logp = _without(reference_logp[: len(fit[1])], fit[1], leaked)
         loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
         budget = step_budget(config, len(fit[1])) if steps is None else steps
