@@ -263,12 +263,13 @@ def _answers_with_target_share(target_share: float) -> tuple[torch.Tensor, torch
 
 def test_a_target_that_draws_far_more_of_other_classes_answers_than_any_clean_class_has_leaked():
     leaking, labels = _answers_with_target_share(0.5)
-    assert _leaked(leaking, labels, torch.tensor([0]), 3.0).tolist() == [0]
-    assert _leaked(leaking, labels, torch.tensor([0]), float("inf")).tolist() == []  # off
-    assert _leaked(leaking, labels, torch.tensor([-1]), 3.0).tolist() == []  # untargeted: no class of its own
-    assert _leaked(leaking, labels, torch.arange(4), 3.0).tolist() == []  # every class flagged: nothing to compare
+    assert _leaked(leaking, labels, torch.tensor([0]), 3.0, 0.01).tolist() == [0]
+    assert _leaked(leaking, labels, torch.tensor([0]), float("inf"), 0.01).tolist() == []  # off
+    assert _leaked(leaking, labels, torch.tensor([0]), 3.0, 0.5).tolist() == []  # under the floor
+    assert _leaked(leaking, labels, torch.tensor([-1]), 3.0, 0.01).tolist() == []  # untargeted: no class of its own
+    assert _leaked(leaking, labels, torch.arange(4), 3.0, 0.01).tolist() == []  # all flagged: nothing to compare
     plain, labels = _answers_with_target_share(0.1)  # as much as a clean class's most confused neighbour
-    assert _leaked(plain, labels, torch.tensor([0]), 3.0).tolist() == []
+    assert _leaked(plain, labels, torch.tensor([0]), 3.0, 0.01).tolist() == []
 
 
 def test_the_soft_targets_drop_a_leaked_targets_share_on_other_classes_images():
@@ -328,7 +329,13 @@ def test_settings_are_frozen_and_checked():
     assert CFG.replace(min_steps=40).unlearning.min_steps == 40  # a flat knob reaches its group
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.min_steps = 1
-    for bad in ({"eval_every": 0}, {"warmup_steps": 0}, {"copy_weight": -1.0}, {"leak_ratio": 0.5}):
+    for bad in (
+        {"eval_every": 0},
+        {"warmup_steps": 0},
+        {"copy_weight": -1.0},
+        {"leak_ratio": 0.5},
+        {"leak_floor": 2.0},
+    ):
         with pytest.raises(ConfigError):
             Unlearning(**bad)
         with pytest.raises(ConfigError):

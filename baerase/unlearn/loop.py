@@ -69,9 +69,12 @@ def _answers(reference: nn.Module, fit: tuple, val: tuple, mean, std) -> torch.T
     return F.log_softmax(logits_of(reference, torch.cat([fit[0], val[0]]), mean, std), 1)
 
 
-def _leaked(logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The targets [L] that draw over ``ratio`` times the share any unflagged class draws of the original's
-    answers [N, K] (log-probabilities) on the images of other classes: a weakly learnt backdoor leaks there."""
+def _leaked(
+    logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, ratio: float, floor: float
+) -> torch.Tensor:
+    """The targets [L] that draw over ``floor`` and over ``ratio`` times the share any unflagged class draws
+    of the original's answers [N, K] (log-probabilities) on the images of other classes: a weakly learnt
+    backdoor leaks there."""
     k = logp.shape[1]
     targets = targets[targets >= 0].to(logp.device)  # an untargeted trigger has no class of its own
     flagged = torch.zeros(k, dtype=torch.bool, device=logp.device)
@@ -80,7 +83,8 @@ def _leaked(logp: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, rat
         return targets[:0]
     others = labels.to(logp.device).unsqueeze(1) != torch.arange(k, device=logp.device)
     share = (logp.exp() * others).sum(0) / others.sum(0).clamp(min=1)
-    return targets[share[targets] > ratio * share[~flagged].max()]
+    leaks = (share[targets] > ratio * share[~flagged].max()) & (share[targets] > floor)
+    return targets[leaks]
 
 
 def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,8 @@ def unlearn(
                       accuracy_floor=accuracy_floor)  # fmt: skip
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         # The soft targets must not hold a backdoor's leak into the original's clean answers.
-        leaked = _leaked(reference_logp, torch.cat([fit[1], val[1]]), triggers.targets, settings.leak_ratio)
+        labels = torch.cat([fit[1], val[1]])
+        leaked = _leaked(reference_logp, labels, triggers.targets, settings.leak_ratio, settings.leak_floor)
         fit_logp = _without(reference_logp[: len(fit[1])], fit[1], leaked)
         loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
