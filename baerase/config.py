@@ -246,7 +246,7 @@ class Unlearning:
     copy_shift: float = 1 / 8  # copies move by up to this share of the image side
     patch_reach: int = 0  # a position-bound trigger's universal perturbation takes any colour this near it (0: off)
     # A target drawing over this many times any unflagged class's share of the original's answers on other
-    # classes' images, and over leak_floor of them, has leaked into them (weak BadNets 3-7.8x, 3-10%); its
+    # classes' images, and over leak_floor of them, has leaked into them (weak BadNets 3-7.8x, 4.6-9.8%); its
     # share there leaves the soft targets. On a near-perfect model all shares are tiny and their ratio noise.
     leak_ratio: float = 3.0
     leak_floor: float = 0.01
