@@ -170,8 +170,7 @@ def unlearn(
                       accuracy_floor=accuracy_floor)  # fmt: skip
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         # The soft targets must not hold a backdoor's leak into the original's clean answers.
-        labels = torch.cat([fit[1], val[1]])
-        leaked = _leaked(reference_logp, labels, triggers.targets, settings.leak_ratio, settings.leak_floor)
+        leaked = _leaked(reference_logp, guard.y_all, triggers.targets, settings.leak_ratio, settings.leak_floor)
         fit_logp = _without(reference_logp[: len(fit[1])], fit[1], leaked)
         loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
                               reference if scarce else None, mean, std)  # fmt: skip
