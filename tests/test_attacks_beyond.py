@@ -20,10 +20,12 @@ from baerase.attacks import (
     attack_success_rate,
     clean_accuracy,
     corner_backdoors,
+    label_consistent,
     poison_all_to_all,
     poison_clean_label,
     poison_multi,
     train_backdoored,
+    train_classifier,
     train_input_aware,
     train_wanet,
 )
@@ -162,6 +164,22 @@ def test_poison_clean_label_keeps_labels_and_touches_only_the_target():
     assert torch.equal(poison_clean_label(x, y, SIG(0.2), 2, 0.5, seed=1)[0], xp)
     with pytest.raises(InputError, match="no image"):
         poison_clean_label(x, y, SIG(), target=9)
+
+
+def test_label_consistent_images_stay_within_eps_and_fool_the_model(digits):
+    (x, y), _ = digits
+    model = train_classifier(_model(), x, y, **TRAIN)
+    xs, ys = x[:200], y[:200]
+    before = x.clone()
+    hard = label_consistent(model, xs, ys, eps=0.1, steps=10)
+    assert torch.equal(x, before), "the input is never modified"
+    assert hard.shape == xs.shape and hard.min() >= 0 and hard.max() <= 1
+    assert (hard - xs).abs().max() <= 0.1 + 1e-6
+    assert clean_accuracy(model, hard, ys) < clean_accuracy(model, xs, ys) - 0.3
+    with pytest.raises(InputError, match="eps"):
+        label_consistent(model, xs, ys, eps=0.0)
+    with pytest.raises(InputError, match="steps"):
+        label_consistent(model, xs, ys, eps=0.1, steps=0)
 
 
 def test_poison_multi_disjoint_images_per_backdoor():

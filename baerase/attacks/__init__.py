@@ -3,7 +3,7 @@
 from .colour_filter import VINTAGE, ColourFilter
 from .dynamic import DynamicConfig, InputAwareTrigger, TriggerGenerator, train_input_aware
 from .multi import AllToAll, Backdoors, corner_backdoors
-from .optimise import imc_train, optimise_trojan_trigger
+from .optimise import imc_train, label_consistent, optimise_trojan_trigger
 from .signal import SIG
 from .train import (
     POISON_MODES,
@@ -45,6 +45,7 @@ __all__ = [
     "clean_accuracy",
     "corner_backdoors",
     "imc_train",
+    "label_consistent",
     "normalizer",
     "optimise_trojan_trigger",
     "poison",

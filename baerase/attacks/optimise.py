@@ -1,4 +1,4 @@
-"""Attacks whose trigger pattern is optimised against the model: TrojanNN and IMC."""
+"""Attacks optimised against a model: TrojanNN and IMC triggers, and label-consistent poison bases."""
 
 from __future__ import annotations
 
@@ -159,6 +159,49 @@ def optimise_trojan_trigger(
         handle.remove()
         model.train(was_training)
     return _with_pattern(trigger, theta, neurons=[int(i) for i in chosen.cpu()])
+
+
+def label_consistent(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    steps: int = 20,
+    normalize: Normalize = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Images that keep their labels but are hard to classify: an L-inf PGD perturbation of at most
+    ``eps`` away from each label against a clean ``model`` (Turner et al. 2019). A clean-label backdoor
+    stamped on them is learned where the images' own features would otherwise suffice.
+
+    x: ``[N, C, H, W]`` in [0, 1]; y: ``[N]``. Returns new images in [0, 1]; the model is not modified.
+    """
+    _check_data(x, y, "label_consistent")
+    if not 0.0 < eps <= 1.0:
+        raise InputError(f"label_consistent: eps must be in (0, 1], got {eps}")
+    if steps < 1:
+        raise InputError(f"label_consistent: steps must be at least 1, got {steps}")
+    device = _device(model)
+    norm = normalizer(normalize, x.shape[1], device)
+    was_training = model.training
+    model.eval()
+    try:
+        hard = [_away_from_labels(model, norm, xb.to(device), yb.to(device), eps, steps)
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)]  # fmt: skip
+    finally:
+        model.train(was_training)
+    return torch.cat(hard).to(x.device, x.dtype)
+
+
+def _away_from_labels(model: nn.Module, norm: _Norm, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int):
+    """PGD with signed-gradient steps of eps / 4 that raise the cross-entropy of ``y``, kept within eps of x."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(norm((x + delta).clamp(0, 1))), y)
+        (grad,) = torch.autograd.grad(loss, delta)  # model parameters get no .grad
+        delta = (delta + eps / 4 * grad.sign()).clamp(-eps, eps).detach().requires_grad_(True)
+    return (x + delta).clamp(0, 1).detach()
 
 
 def _epoch_range(epochs: int, progress: bool) -> Iterable[int]:
