@@ -244,7 +244,7 @@ class Unlearning:
     scarce_per_class: int = 8  # fewer fit images per class: anchor mixed copies too (2/class: -12.8 -> -1.0 pt)
     copy_weight: float = 0.1  # at 1 the copies hold part of the backdoor (BadNets: 0.6-0.8% flip, not 0.2-0.4%)
     copy_shift: float = 1 / 8  # copies move by up to this share of the image side
-    patch_reach: int = 0  # a position-bound trigger's universal perturbation takes any colour this near it (0: off)
+    patch_reach: int = 2  # a position-bound trigger's universal perturbation takes any colour this near it (0: off)
     # A target drawing over this many times any unflagged class's share of the original's answers on other
     # classes' images, and over leak_floor of them, has leaked into them (weak BadNets 3-7.8x, 4.6-9.8%); its
     # share there leaves the soft targets. On a near-perfect model all shares are tiny and their ratio noise.
@@ -385,10 +385,9 @@ class Config:
     @classmethod
     def short_erase(cls, **overrides) -> Config:
         """Unlearning rounds that spend what the backdoor needs: 150 steps of 32 images with the lr
-        decaying to a quarter, each further round twice as long, and any colour within 2 pixels of a
-        fixed patch. A tenth of the default erase's model images where one round suffices, but it meets
-        the bar on 8 of 14 backdoored MNIST grid cells where the default meets it on 15 of 16
-        (benchmarks/results/audit_cost.md)."""
+        decaying to a quarter, each further round twice as long. A tenth of the default erase's model
+        images where one round suffices, but it meets the bar on 8 of 14 backdoored MNIST grid cells
+        where the default meets it on 15 of 16 (benchmarks/results/audit_cost.md)."""
         settings = {
             "unlearn_epochs": 1,
             "unlearn_batch_size": 32,
@@ -397,7 +396,6 @@ class Config:
             "round_growth": 2.0,
             "eval_every": 30,
             "bisections": 2,
-            "patch_reach": 2,
         }
         settings.update(overrides)
         return cls(**settings)

@@ -13,7 +13,7 @@ from baerase import Config, ConfigError
 from baerase.config import Unlearning
 from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
-from baerase.unlearn.batch import _radius
+from baerase.unlearn.batch import _clamped, _radius
 from baerase.unlearn.loop import StepBudget, _leaked, _without, step_budget
 
 torch.set_num_threads(1)
@@ -195,6 +195,15 @@ def test_a_position_bound_triggers_universal_perturbation_takes_any_colour_near_
     assert torch.all(_radius(t, torch.tensor([True, False]), 0.1, (8, 8), reach=0) == 0.1)
 
 
+def test_a_universal_perturbation_pinned_at_black_still_gets_a_gradient():
+    u = torch.full((1, 4, 4), -0.1, requires_grad=True)  # pushed below a black background
+    x = torch.zeros(2, 1, 4, 4)
+    image = _clamped(x + u)
+    assert torch.equal(image, (x + u).clamp(0, 1))
+    (grad,) = torch.autograd.grad(-image.sum(), u)  # a loss that wants the pixels brighter
+    assert torch.all(grad < 0)  # so a descent step brightens them; a plain clamp would give 0
+
+
 # ---- the loss ----------------------------------------------------------------------------------
 
 
@@ -245,7 +254,7 @@ def test_each_further_round_unlearns_round_growth_times_longer():
     many = config.replace(unlearn_epochs=5, round_growth=1.5)  # 5 epochs of 50 batches: more than the least
     assert step_budget(many, 500, 2) == StepBudget(150, 375)
     short = Config.short_erase(min_steps=60).unlearning
-    assert (short.min_steps, short.unlearn_batch_size, short.round_growth, short.patch_reach) == (60, 32, 2.0, 2)
+    assert (short.min_steps, short.unlearn_batch_size, short.round_growth) == (60, 32, 2.0)
     with pytest.raises(ConfigError, match="round_growth"):
         config.replace(round_growth=0.5)
 

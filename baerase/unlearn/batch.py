@@ -3,7 +3,8 @@
 Recovery finds the few pixels that suffice; a whole-image (blend) trigger works through the rest, and a
 patch through its other pixels. So every other step moves the triggers and grows them by a pixel of random
 black or white, a position-bound trigger is also grown in place in its own colour every fourth step, and
-with ``universal_eps`` > 0 each target also gets a universal perturbation in that L-inf ball, which takes one
+with ``universal_eps`` > 0 each target also gets a universal perturbation in that L-inf ball (any colour within
+``patch_reach`` pixels of a position-bound trigger, where the rest of a fixed patch lies), which takes one
 signed-gradient step toward its target per step.
 """
 
@@ -43,6 +44,12 @@ def _toward_targets(
     targets' cross-entropy ``nll`` (on the rows ``valid`` marks), kept within ``radius`` [K, 1, H, W]."""
     (grad,) = torch.autograd.grad((nll * valid).sum(), universal, retain_graph=True)
     return torch.minimum(torch.maximum(universal - radius / 4 * grad.sign(), -radius), radius).detach()
+
+
+def _clamped(x: torch.Tensor) -> torch.Tensor:
+    """x clamped to [0, 1] with the gradient of x itself: a perturbation that a clamp pins at black or
+    white (a black background) would get no gradient to leave it."""
+    return x + (x.clamp(0, 1) - x).detach()
 
 
 def _radius(triggers: TriggerSet, in_place: torch.Tensor, eps: float, shape, reach: int) -> torch.Tensor:
@@ -130,7 +137,7 @@ class TriggeredBatches:
             held = torch.cat([batch, self.target_pool[extra.to(self.target_pool.device)]])
         if self.eps > 0:
             self.universal.requires_grad_(True)
-            perturbed = (x.unsqueeze(0) + self.universal.unsqueeze(1)).clamp(0, 1).flatten(0, 1)
+            perturbed = _clamped(x.unsqueeze(0) + self.universal.unsqueeze(1)).flatten(0, 1)
             triggered = torch.cat([triggered, normalize_images(perturbed, self.mean, self.std)])
         k = len(self.triggers)
         return TriggeredBatch(
