@@ -204,6 +204,25 @@ def test_a_universal_perturbation_pinned_at_black_still_gets_a_gradient():
     assert torch.all(grad < 0)  # so a descent step brightens them; a plain clamp would give 0
 
 
+def test_the_independence_probe_unlearns_without_patch_reach(monkeypatch):
+    from types import SimpleNamespace
+
+    from baerase.unlearn import rounds
+    from baerase.validate import Inputs
+
+    probed = []
+
+    def record(inputs, model, *rest):
+        probed.append(inputs.config.unlearning.patch_reach)
+        return SimpleNamespace(model=model)
+
+    monkeypatch.setattr(rounds, "_unlearn", record)
+    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2), *([None] * 8))
+    rounds.unlearned_copy(inputs, None, 10, "probe")
+    assert probed == [0]  # any colour around one target's patch would unlearn another target's patch too
+    assert inputs.config.unlearning.patch_reach == 2  # the erase keeps it
+
+
 # ---- the loss ----------------------------------------------------------------------------------
 
 
