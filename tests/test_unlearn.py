@@ -223,6 +223,33 @@ def test_the_independence_probe_unlearns_without_patch_reach(monkeypatch):
     assert inputs.config.unlearning.patch_reach == 2  # the erase keeps it
 
 
+def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monkeypatch):
+    from types import SimpleNamespace
+
+    from baerase.unlearn import rounds
+    from baerase.validate import Inputs
+
+    reaches = []
+
+    def record(inputs, model, *rest, **guard):
+        reaches.append(inputs.config.unlearning.patch_reach)
+        return SimpleNamespace(model=model, history=[])
+
+    monkeypatch.setattr(rounds, "_unlearn", record)
+    monkeypatch.setattr(rounds, "clean_accuracy", lambda *args: 1.0)
+    monkeypatch.setattr(rounds, "_clean_reference", lambda report: None)
+    still_found = (SimpleNamespace(triggers=triggers()), [], torch.tensor([True]))
+    monkeypatch.setattr(rounds, "verify", lambda *args, **kwargs: still_found)
+    monkeypatch.setattr(rounds, "_result", lambda inputs, flagged, outcomes, *rest: outcomes)
+    report = SimpleNamespace(flagged=[1], flagged_triggers=triggers, classes=[SimpleNamespace(flagged=True, steps=5)],
+                             untargeted=False)  # fmt: skip
+    held = labelled(linear(), 64, 0)
+    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=3), torch.device("cpu"),
+                    *([None] * 4), K, held, held)  # fmt: skip
+    rounds.erase_rounds(inputs, report, lambda model, desc: None)
+    assert reaches == [2, 0, 2]  # a blend recovered as a few pixels survives the reach; the next round goes without
+
+
 # ---- the loss ----------------------------------------------------------------------------------
 
 

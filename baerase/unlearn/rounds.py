@@ -42,8 +42,9 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     for round_ in range(1, cfg.unlearning.erase_rounds + 1):
         with cost.phase(spent, "unlearning"):
             budget = step_budget(cfg, len(inputs.fit[1]), round_)
-            outcome = _unlearn(inputs, current, triggers, budget, f"baerase unlearn (round {round_})",
-                               accuracy_floor=floor, original=model)  # fmt: skip
+            desc = f"baerase unlearn (round {round_})"
+            outcome = _unlearn(_read_for(round_, inputs), current, triggers, budget, desc, accuracy_floor=floor,
+                               original=model)  # fmt: skip
         outcomes.append(outcome)
         history += [dict(row, round=round_) for row in outcome.history]
         current = outcome.model
@@ -63,8 +64,18 @@ def unlearned_copy(inputs: Inputs, triggers: TriggerSet, steps: int, desc: str) 
     """A copy of the model with ``triggers`` unlearned for ``steps`` steps under the guard: a probe of
     what depends on them, not an erase (no verification). Without ``patch_reach``: unlearning any colour
     around one target's patch also unlearns another target's patch, which the probe must leave working."""
-    narrow = dataclasses.replace(inputs, config=inputs.config.replace(patch_reach=0))
-    return _unlearn(narrow, inputs.model, triggers, StepBudget(steps, steps), desc).model
+    return _unlearn(_without_reach(inputs), inputs.model, triggers, StepBudget(steps, steps), desc).model
+
+
+def _read_for(round_: int, inputs: Inputs) -> Inputs:
+    """Odd rounds read a position-bound trigger as a few pixels of a fixed patch (``patch_reach``); one the
+    re-scan still finds may be a whole-image blend recovered where it is strongest, read so the next round."""
+    return inputs if round_ % 2 else _without_reach(inputs)
+
+
+def _without_reach(inputs: Inputs) -> Inputs:
+    """The inputs with ``patch_reach`` 0: each universal perturbation within ``universal_eps`` everywhere."""
+    return dataclasses.replace(inputs, config=inputs.config.replace(patch_reach=0))
 
 
 def _unlearn(
