@@ -223,7 +223,10 @@ def test_the_independence_probe_unlearns_without_patch_reach(monkeypatch):
     assert inputs.config.unlearning.patch_reach == 2  # the erase keeps it
 
 
-def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monkeypatch):
+def _erase_reaches(monkeypatch, rounds_, asr_at_reach: float) -> tuple[list[int], list]:
+    """The patch_reach of each unlearning an erase of ``rounds_`` rounds runs, and the outcomes it keeps, when
+    the re-scan always finds the trigger and unlearning with the reach leaves ``asr_at_reach`` of the recovered
+    triggers (0.02 without)."""
     from types import SimpleNamespace
 
     from baerase.unlearn import rounds
@@ -232,8 +235,10 @@ def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monk
     reaches = []
 
     def record(inputs, model, *rest, **guard):
-        reaches.append(inputs.config.unlearning.patch_reach)
-        return SimpleNamespace(model=model, history=[])
+        reach = inputs.config.unlearning.patch_reach
+        reaches.append(reach)
+        asr = asr_at_reach if reach else 0.02
+        return SimpleNamespace(model=model, history=[], reached=reach > 0, trigger_asr_after=asr)
 
     monkeypatch.setattr(rounds, "_unlearn", record)
     monkeypatch.setattr(rounds, "clean_accuracy", lambda *args: 1.0)
@@ -244,10 +249,22 @@ def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monk
     report = SimpleNamespace(flagged=[1], flagged_triggers=triggers, classes=[SimpleNamespace(flagged=True, steps=5)],
                              untargeted=False)  # fmt: skip
     held = labelled(linear(), 64, 0)
-    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=3), torch.device("cpu"),
+    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=rounds_), torch.device("cpu"),
                     *([None] * 4), K, held, held)  # fmt: skip
-    rounds.erase_rounds(inputs, report, lambda model, desc: None)
+    return reaches, rounds.erase_rounds(inputs, report, lambda model, desc: None)
+
+
+def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monkeypatch):
+    reaches, _ = _erase_reaches(monkeypatch, 3, asr_at_reach=0.0)
     assert reaches == [2, 0, 2]  # a blend recovered as a few pixels survives the reach; the next round goes without
+
+
+def test_a_round_that_cannot_erase_its_triggers_with_patch_reach_runs_again_without(monkeypatch):
+    reaches, kept = _erase_reaches(monkeypatch, 1, asr_at_reach=0.5)
+    assert reaches == [2, 0]  # a blend's any-colour neighbourhood is an adversarial patch the guard cannot unlearn
+    assert [o.trigger_asr_after for o in kept] == [0.02]  # the better of the two
+    reaches, kept = _erase_reaches(monkeypatch, 1, asr_at_reach=0.0)
+    assert reaches == [2] and [o.trigger_asr_after for o in kept] == [0.0]  # erased with the reach: no second run
 
 
 # ---- the loss ----------------------------------------------------------------------------------

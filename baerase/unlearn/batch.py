@@ -119,6 +119,7 @@ class TriggeredBatches:
         self.target_pool = torch.nonzero(torch.isin(self.y_fit, triggers.targets.to(self.y_fit.device))).flatten()
         self.eps = config.unlearning.universal_eps
         self.radius = _radius(triggers, self.in_place, self.eps, self.x_fit.shape, settings.patch_reach)
+        self.reached = bool((self.radius > self.eps).any())
         self.universal = torch.zeros(len(triggers), *self.x_fit.shape[1:], device=self.x_fit.device)
         self.parts = 2 if self.eps > 0 else 1  # the recovered triggers' rows, then the universal perturbations'
 

@@ -33,6 +33,7 @@ class UnlearnOutcome:
     steps: int = 0
     rolled_back: int = 0  # steps undone because they produced NaN/inf
     kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
+    reached: bool = False  # a universal perturbation took any colour near a position-bound trigger (patch_reach)
 
 
 # A finite log(0): the KL's 0 * (log 0 - x) must be 0, not NaN.
@@ -193,7 +194,7 @@ def unlearn(
                     history += _evaluate(guard, schedule, dict(guard.score(step), **terms.floats()))
                     if guard.finished(step, budget):
                         break
-    return _outcome(repaired, guard, history, step, schedule.rolled_back)
+    return _outcome(repaired, guard, history, step, schedule.rolled_back, batches.reached)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,9 @@ def _evaluate(guard: Guard, schedule: _Schedule, row: dict) -> list[dict]:
     return rows
 
 
-def _outcome(repaired: nn.Module, guard: Guard, history: list[dict], steps: int, rolled_back: int) -> UnlearnOutcome:
+def _outcome(
+    repaired: nn.Module, guard: Guard, history: list[dict], steps: int, rolled_back: int, reached: bool
+) -> UnlearnOutcome:
     """The repaired model at the guard's best checkpoint, frozen, and the record."""
     repaired.load_state_dict(guard.best_state)
     for p in repaired.parameters():
@@ -237,4 +240,5 @@ def _outcome(repaired: nn.Module, guard: Guard, history: list[dict], steps: int,
         steps=steps,
         rolled_back=rolled_back,
         kept_step=best["step"],
+        reached=reached,
     )
