@@ -73,16 +73,17 @@ def _unlearn_round(
     strongest, whose any-colour neighbourhood is an adversarial patch that cannot be unlearned within the guard:
     so a round that did not erase even the recovered triggers that way is run again without the reach, and a
     round after one the re-scan survived goes without it."""
-    desc = f"baerase unlearn (round {round_})"
-    as_blend = _without_reach(inputs)
+
+    def run(reading: Inputs, desc: str) -> UnlearnOutcome:
+        return _unlearn(reading, model, triggers, budget, desc, accuracy_floor=floor, original=inputs.model)
+
+    desc, as_blend = f"baerase unlearn (round {round_})", _without_reach(inputs)
     if round_ % 2 == 0:
-        return _unlearn(as_blend, model, triggers, budget, desc, accuracy_floor=floor, original=inputs.model)
-    outcome = _unlearn(inputs, model, triggers, budget, desc, accuracy_floor=floor, original=inputs.model)
+        return run(as_blend, desc)
+    outcome = run(inputs, desc)
     if not outcome.reached or outcome.trigger_asr_after <= inputs.config.unlearning.asr_stop:
         return outcome
-    retry = _unlearn(as_blend, model, triggers, budget, f"{desc} as a blend", accuracy_floor=floor,
-                     original=inputs.model)  # fmt: skip
-    return min(outcome, retry, key=lambda o: o.trigger_asr_after)
+    return min(outcome, run(as_blend, f"{desc} as a blend"), key=lambda o: o.trigger_asr_after)
 
 
 def _without_reach(inputs: Inputs) -> Inputs:
