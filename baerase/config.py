@@ -237,6 +237,9 @@ class Unlearning:
     min_steps: int = 800
     round_growth: float = 1.0  # each further round unlearns this many times longer than the one before
     min_lr_share: float = 1 / 16  # backing off never takes the lr below this share of unlearn_lr
+    # A step's gradient is scaled down to this many times the median norm of the round's steps so far (0: off):
+    # an adversarial part can spike it a hundredfold and knock the model off course for good.
+    grad_clip_ratio: float = 2.0
     warmup_steps: int = 20  # the lr ramps up linearly: full-lr first steps knock a trained model off course
     moved_share: float = 0.1  # position-bound below this, moved/in-place (fixed patch 0.01-0.04, BadNets 0.15-0.36)
     backtrack_slack: float = 2.0  # back off only beyond this many further allowed drops outside the bounds
@@ -259,7 +262,15 @@ class Unlearning:
         _in_range(self, ("final_lr_share",), 0, 1)
         _in_range(
             self,
-            ("weight_l1", "alpha_u", "relabel_weight", "ascent_weight", "backtrack_slack", "copy_weight"),
+            (
+                "weight_l1",
+                "alpha_u",
+                "relabel_weight",
+                "ascent_weight",
+                "backtrack_slack",
+                "copy_weight",
+                "grad_clip_ratio",
+            ),
             0,
             float("inf"),
         )

@@ -14,7 +14,7 @@ from baerase.config import Unlearning
 from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 from baerase.unlearn.batch import _clamped, _radius
-from baerase.unlearn.loop import StepBudget, _leaked, _without, step_budget
+from baerase.unlearn.loop import StepBudget, _leaked, _Schedule, _without, step_budget
 
 torch.set_num_threads(1)
 
@@ -320,6 +320,20 @@ def test_each_further_round_unlearns_round_growth_times_longer():
     assert (short.min_steps, short.unlearn_batch_size, short.round_growth) == (60, 32, 2.0)
     with pytest.raises(ConfigError, match="round_growth"):
         config.replace(round_growth=0.5)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 0.0])
+def test_a_gradient_spike_is_clipped_to_a_few_times_the_rounds_median_norm(ratio):
+    net = nn.Linear(1, 1, bias=False)
+    settings = dataclasses.replace(Unlearning(), grad_clip_ratio=ratio, warmup_steps=1)
+    schedule = _Schedule(net, 1.0, settings, most=10)
+    schedule.optimizer = torch.optim.SGD(net.parameters(), lr=1.0)  # no momentum: each step is the gradient
+    moves = []
+    for step, slope in enumerate([1.0, 1.0, 100.0]):  # d(slope * w)/dw = slope
+        before = net.weight.item()
+        schedule.step(slope * net.weight.sum(), step)
+        moves.append(before - net.weight.item())
+    assert moves == pytest.approx([1.0, 1.0, 2.0 if ratio else 100.0])
 
 
 def _answers_with_target_share(target_share: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,12 +99,14 @@ def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) ->
 
 class _Schedule:
     """SGD on the model with a linear warm-up, then a cosine decay to ``final_lr_share`` of the lr at the
-    budget's most steps; a non-finite step is undone and halves the lr."""
+    budget's most steps, each gradient clipped to a few times the round's median norm; a non-finite step
+    is undone and halves the lr."""
 
     def __init__(self, model: nn.Module, lr: float, settings: Unlearning, most: int) -> None:
         self.model, self.base_lr, self.lr, self.settings, self.most = model, lr, lr, settings, most
         self.optimizer = self._sgd()
         self.rolled_back = 0
+        self.grad_norms: list[float] = []  # the finite gradient norms of the round's steps
 
     def _sgd(self) -> torch.optim.SGD:
         """A fresh optimiser (no momentum carried over from steps that were undone)."""
@@ -117,6 +119,7 @@ class _Schedule:
         snapshot = [p.detach().clone() for p in self.model.parameters()]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._clip_gradient()
         self.optimizer.step()
         if not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in self.model.parameters()):
             with torch.no_grad():
@@ -125,6 +128,20 @@ class _Schedule:
             self.lr /= 2
             self.optimizer = self._sgd()
             self.rolled_back += 1
+
+    @torch.no_grad()
+    def _clip_gradient(self) -> None:
+        """Scale the gradient down to ``grad_clip_ratio`` times the median norm of the round's steps so far."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.settings.grad_clip_ratio == 0 or not grads:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if not math.isfinite(norm):
+            return  # the step is undone anyway
+        self.grad_norms.append(norm)
+        cap = self.settings.grad_clip_ratio * sorted(self.grad_norms)[len(self.grad_norms) // 2]
+        if norm > cap:
+            torch._foreach_mul_(grads, cap / norm)
 
     def _decay(self, step: int) -> float:
         final = self.settings.final_lr_share
