@@ -204,7 +204,7 @@ def test_a_universal_perturbation_pinned_at_black_still_gets_a_gradient():
     assert torch.all(grad < 0)  # so a descent step brightens them; a plain clamp would give 0
 
 
-def test_the_independence_probe_unlearns_without_patch_reach(monkeypatch):
+def test_the_independence_probe_unlearns_the_recovered_triggers_alone(monkeypatch):
     from types import SimpleNamespace
 
     from baerase.unlearn import rounds
@@ -213,14 +213,14 @@ def test_the_independence_probe_unlearns_without_patch_reach(monkeypatch):
     probed = []
 
     def record(inputs, model, *rest):
-        probed.append(inputs.config.unlearning.patch_reach)
+        probed.append(inputs.config.unlearning.universal_eps)
         return SimpleNamespace(model=model)
 
     monkeypatch.setattr(rounds, "_unlearn", record)
-    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2), *([None] * 8))
+    inputs = Inputs(nn.Identity(), CFG.replace(universal_eps=0.1), *([None] * 8))
     rounds.unlearned_copy(inputs, None, 10, "probe")
-    assert probed == [0]  # any colour around one target's patch would unlearn another target's patch too
-    assert inputs.config.unlearning.patch_reach == 2  # the erase keeps it
+    assert probed == [0]  # every small change toward one target would unlearn another target's patch too
+    assert inputs.config.unlearning.universal_eps == 0.1  # the erase keeps its universal perturbations
 
 
 def _erase_reaches(monkeypatch, rounds_, asr_at_reach: float) -> tuple[list[int], list]:

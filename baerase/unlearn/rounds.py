@@ -60,9 +60,11 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
 
 def unlearned_copy(inputs: Inputs, triggers: TriggerSet, steps: int, desc: str) -> nn.Module:
     """A copy of the model with ``triggers`` unlearned for ``steps`` steps under the guard: a probe of
-    what depends on them, not an erase (no verification). Without ``patch_reach``: unlearning any colour
-    around one target's patch also unlearns another target's patch, which the probe must leave working."""
-    return _unlearn(_without_reach(inputs), inputs.model, triggers, StepBudget(steps, steps), desc).model
+    what depends on them, not an erase (no verification). The recovered triggers alone, without universal
+    perturbations: unlearning every small change toward one target also unlearns another target's patch,
+    which the probe must leave working."""
+    narrow = dataclasses.replace(inputs, config=inputs.config.replace(universal_eps=0))
+    return _unlearn(narrow, inputs.model, triggers, StepBudget(steps, steps), desc).model
 
 
 def _unlearn_round(
