@@ -141,7 +141,8 @@ class _Schedule:
         self.grad_norms.append(norm)
         cap = self.settings.grad_clip_ratio * sorted(self.grad_norms)[len(self.grad_norms) // 2]
         if norm > cap:
-            torch._foreach_mul_(grads, cap / norm)
+            for g in grads:
+                g.mul_(cap / norm)
 
     def _decay(self, step: int) -> float:
         final = self.settings.final_lr_share
