@@ -342,7 +342,8 @@ def _independent(
     inputs: Inputs, screened: Screened, verdict: Verdict, spent: cost.Cost
 ) -> tuple[Screened, Verdict, str | None]:
     """``detect.independent``: of several flagged targets, the strongest is unlearned from a copy of the
-    model for ``detection.independence_steps`` steps, and the others are recovered again on it."""
+    model for ``detection.independence_steps`` steps, and the others and the reference classes are recovered
+    again on it."""
     r, steps, tested = screened.recovery, inputs.config.detection.independence_steps, verdict
 
     def rerecover_without(target: int):

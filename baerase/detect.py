@@ -123,13 +123,20 @@ def judge(
     recovery: RecoveryResult, reference: torch.Tensor, config: Config, min_shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomaly index [k], found [k]) of freshly recovered classes against ``reference`` values."""
+    values = score_values(recovery.norms, recovery.success, side_of(config.recovery.family))
+    return _against(values, recovery.success, reference, config, min_shrink)
+
+
+def _against(
+    values: torch.Tensor, success: torch.Tensor, reference: torch.Tensor, config: Config, min_shrink: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anomaly index [k], found [k]) of classes with score ``values`` and ``success`` against ``reference`` values."""
     side = side_of(config.recovery.family)
-    values = score_values(recovery.norms, recovery.success, side)
     index = anomaly_index(values, side, reference=reference)
     found = is_backdoor(
         index,
         values,
-        recovery.success,
+        success,
         config.detection.anomaly_threshold,
         config.detection.min_attack_success,
         side,
@@ -196,6 +203,8 @@ def independent(
     """``verdict`` keeping, beside its strongest flagged class, only the classes found again on a copy
     of the model with that class unlearned (``rerecover_without(target)`` re-recovers on it): a second
     backdoor answers its own trigger, an easy class reached through the first backdoor is lost with it.
+    Their original masses must also stand out against the reference classes recovered on that copy: a
+    backdoor can be a sink that keeps the other classes out of reach, and the median it leaves is no scale.
 
     ``reference``: bool [K], the classes whose values give the median and spread (None: all).
     """
@@ -205,18 +214,31 @@ def independent(
     side = side_of(config.recovery.family)
     values = score_values(recovery.norms, recovery.success, side)
     rows = torch.ones_like(verdict.flagged) if reference is None else reference
-    clean = values[rows & ~verdict.flagged]
-    if len(clean) < 2:
+    unflagged = torch.nonzero(rows & ~verdict.flagged).flatten()
+    if len(unflagged) < 2:
         return verdict
     ranked = values[flagged] if side == "low" else -values[flagged]
     strongest = flagged[ranked.argmin()]
     others = flagged[flagged != strongest]
     rerecover = rerecover_without(recovery.targets[strongest])
+    natural = _reference_again(rerecover, [recovery.targets[i] for i in unflagged.tolist()], config, side)
     keep, lost_with = verdict.flagged.clone(), torch.full(verdict.flagged.shape, -1, dtype=torch.long)
     other_targets = [recovery.targets[i] for i in others.tolist()]
-    keep[others] = _recovered_again(rerecover, other_targets, 0, clean, config, min_shrink(config))[2]
+    found_again = _recovered_again(rerecover, other_targets, 0, values[unflagged], config, min_shrink(config))[2]
+    keep[others] = (
+        found_again & _against(values[others], recovery.success[others], natural, config, min_shrink(config))[1]
+    )
     lost_with[others[~keep[others]]] = recovery.targets[strongest]
     return dataclasses.replace(verdict, flagged=keep, lost_with=lost_with)
+
+
+def _reference_again(rerecover: Rerecover, targets: list[int], config: Config, side: str) -> torch.Tensor:
+    """The values of (a sample of ``recovery.reference_sample``) unflagged ``targets`` recovered again."""
+    if len(targets) > config.recovery.reference_sample:
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(config.run.seed))
+        targets = [targets[i] for i in order[: config.recovery.reference_sample].tolist()]
+    again = rerecover(targets, 0, None)
+    return score_values(again.norms, again.success, side)
 
 
 def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, max_ratio: float) -> torch.Tensor:
