@@ -224,10 +224,10 @@ def independent(
     natural = _reference_again(rerecover, [recovery.targets[i] for i in unflagged.tolist()], config, side)
     keep, lost_with = verdict.flagged.clone(), torch.full(verdict.flagged.shape, -1, dtype=torch.long)
     other_targets = [recovery.targets[i] for i in others.tolist()]
-    found_again = _recovered_again(rerecover, other_targets, 0, values[unflagged], config, min_shrink(config))[2]
-    keep[others] = (
-        found_again & _against(values[others], recovery.success[others], natural, config, min_shrink(config))[1]
-    )
+    shrink = min_shrink(config)
+    found_again = _recovered_again(rerecover, other_targets, 0, values[unflagged], config, shrink)[2]
+    stands_out = _against(values[others], recovery.success[others], natural, config, shrink)[1]
+    keep[others] = found_again & stands_out
     lost_with[others[~keep[others]]] = recovery.targets[strongest]
     return dataclasses.replace(verdict, flagged=keep, lost_with=lost_with)
 
