@@ -197,7 +197,7 @@ class Detection:
     # Several flags: the strongest flagged class is unlearned for this many steps and each other flagged
     # class must be found again (0: off). An easy class reached through the backdoor beside it is not (a
     # 12 px trigger grows to 30 px, under the 3x rule); a second backdoor is (4.4 -> 7.3 px). Its mass must
-    # also stand out against the unflagged classes recovered on that copy (a sink backdoor: 36 px against 55).
+    # also stand out against the unflagged classes recovered on that copy (a sink backdoor: 36 px against 51-58).
     independence_steps: int = 100
 
     def __post_init__(self) -> None:
