@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .recover import UNTARGETED, RecoveryResult, TriggerSet, sent_to
+from .recover import UNTARGETED, RecoveryResult, TriggerSet, reference_sample, sent_to
 
 # Re-recovers ``targets`` with the RNG shifted by ``seed_offset``, for ``steps`` steps (None: the
 # config's); the classes that ``enough`` marks answered (given their smallest working masses) stop early.
@@ -234,10 +234,7 @@ def independent(
 
 def _reference_again(rerecover: Rerecover, targets: list[int], config: Config, side: str) -> torch.Tensor:
     """The values of (a sample of ``recovery.reference_sample``) unflagged ``targets`` recovered again."""
-    if len(targets) > config.recovery.reference_sample:
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(config.run.seed))
-        targets = [targets[i] for i in order[: config.recovery.reference_sample].tolist()]
-    again = rerecover(targets, 0, None)
+    again = rerecover(reference_sample(targets, config), 0, None)
     return score_values(again.norms, again.success, side)
 
 

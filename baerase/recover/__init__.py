@@ -4,7 +4,7 @@ from . import families
 from .blend import BlendSet
 from .generator import StatisticsNetwork, TriggerGenerator, mine_estimate
 from .recovery import RecoveryResult, attack_success, frozen, recover, sent_to
-from .screen import Screened, recover_all
+from .screen import Screened, recover_all, reference_sample
 from .triggers import UNTARGETED, TriggerSet
 from .warp import WarpSet
 
@@ -23,5 +23,6 @@ __all__ = [
     "mine_estimate",
     "recover",
     "recover_all",
+    "reference_sample",
     "sent_to",
 ]

@@ -79,13 +79,17 @@ def pick(screening: RecoveryResult, config: Config) -> tuple[list[int], list[int
     """(the classes most easily reached, a random sample of the others) from a short recovery,
     ranked by the target probability its triggers reached (every mask starts alike, so the class
     the model is most easily pushed to ranks first)."""
-    r = config.recovery
     order = torch.argsort(-screening.success, stable=True).tolist()
     count = kept(config, len(order))
     keep, rest = [screening.targets[i] for i in order[:count]], [screening.targets[i] for i in order[count:]]
+    return keep, reference_sample(rest, config)
+
+
+def reference_sample(targets: list[int], config: Config) -> list[int]:
+    """A seeded random sample of ``recovery.reference_sample`` of ``targets`` (all when fewer), sorted."""
     generator = torch.Generator().manual_seed(config.run.seed)
-    chosen = torch.randperm(len(rest), generator=generator)[: r.reference_sample].tolist()
-    return keep, sorted(rest[i] for i in chosen)
+    chosen = torch.randperm(len(targets), generator=generator)[: config.recovery.reference_sample].tolist()
+    return sorted(targets[i] for i in chosen)
 
 
 def planned_steps(config: Config, k: int) -> int:
