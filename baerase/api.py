@@ -203,8 +203,6 @@ def _judge_families(inputs: Inputs, targets: list[int], spent: cost.Cost) -> Jud
     if inputs.config.recovery.family != "mask" or first[2].flagged.any() or first[3] is not None:
         return first
     for name in inputs.config.recovery.fallback:
-        if name == "blend" and not blend.applies_to(inputs.images):
-            continue
         if name == UNTARGETED_CHECK:
             answer = _untargeted_fallback(first, spent)
         else:
@@ -228,13 +226,14 @@ def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost
 def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
     """``_judge``, and what the warp and blend families add: a flagged warp must be specific
     (``_specific_warps``), and a median out of the warps' reach is measured with a wider one
-    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``). Of several
+    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``) and, on colour images, not
+    make images look like its class (``_unnatural_blends``). Of several
     flags, each must stand without the strongest (``_independent``)."""
     screened, verdict, reason = _judge(inputs, targets, spent)
     family = inputs.config.recovery.family
     if reason is None and family == "blend":
         with cost.phase(spent, "confirmation"):
-            verdict = _caused_blends(inputs, screened, verdict)
+            verdict = _unnatural_blends(inputs, screened, _caused_blends(inputs, screened, verdict))
     elif reason is None and family == "warp" and not verdict.flagged.any():
         screened, verdict, reason = _beyond_reach(inputs, screened, verdict, spent)
     elif reason is None and family == "warp":
@@ -289,6 +288,18 @@ def _caused_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verd
         unblended = blend.unblended(screened.recovery.triggers.select(flagged))
         already = attack_success(unblended, inputs.model, x, y, inputs.mean, inputs.std).cpu()
         keep[flagged] = screened.recovery.success[flagged] - already >= inputs.config.detection.min_attack_success
+    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+
+
+def _unnatural_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
+    """``verdict`` keeping, on colour images, only the blends that make images look like their class by
+    colour less often than chance (one in the classes present): a blend toward grey reaches a greyish
+    clean class because it greys the images, a colour filter's target because the model learnt the filter."""
+    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
+    if len(flagged) and inputs.images.shape[1] > 1 and screened.recovery.triggers is not None:
+        blends = screened.recovery.triggers.select(flagged)
+        share = blend.natural_share(blends, inputs.fit, inputs.held_out).cpu()
+        keep[flagged] = share < 1 / len(torch.unique(inputs.fit[1]))
     return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
 
 

@@ -174,8 +174,8 @@ class Detection:
     # class can be 2-2.5x smaller and still sit past the threshold when its neighbours cluster tightly.
     min_trigger_shrink: float = 3.0
     # Blend family: the bar instead of min_trigger_shrink. Clean MNIST classes reached by a blend (a digit
-    # faded into a bar or a loop) sit up to 2.7x below the median; the filter backdoors 10-12x.
-    min_blend_shrink: float = 6.0
+    # faded into a bar or a loop) sit up to 2.7x below the median; the filter backdoors 10-12x (colour10: 4.8x).
+    min_blend_shrink: float = 4.0
     eval_samples: int = 256  # held-out images used to score each class
     val_fraction: float = 0.2  # share of the clean data a scan holds out to score each class
     confirmations: int = 2  # independently seeded re-recoveries that must each reproduce a flag

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import baerase
-from baerase import api
-from baerase.recover import BlendSet, families
+from baerase.recover import BlendSet, blend, families
 
 torch.set_num_threads(1)
 
@@ -91,14 +90,44 @@ def test_a_blend_scan_flags_the_class_a_filter_reaches_and_nothing_on_a_clean_mo
     assert baerase.scan(LiftedBlacks(backdoored=False), x, y, config=config).flagged == []
 
 
-def test_the_blend_fallback_runs_on_greyscale_images_only(monkeypatch):
-    tried = []
-    monkeypatch.setattr(api, "_family_fallback", lambda name, *a: tried.append(name))
-    config = baerase.Config(steps=5, untargeted_steps=5, progress=False, fallback=("warp", "blend"))
-    for channels in (1, 3):
-        x, y = banded(60, channels)
-        baerase.scan(LiftedBlacks(backdoored=False), x, y, config=config)
-    assert tried == ["warp", "blend", "warp"]
+def test_the_blend_fallback_flags_a_filter_on_colour_images(one_thread):
+    x, y = banded(240, channels=3)
+    config = baerase.Config(steps=60, untargeted_steps=5, progress=False, fallback=("warp", "blend"))
+    report = baerase.scan(LiftedBlacks(), x, y, config=config)
+    assert report.family == "blend" and report.flagged == [0]
+
+
+COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.5, 0.5, 0.5], [0.1, 0.1, 0.9]])  # red, grey, blue
+
+
+def coloured(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of one colour per class (COLOURS) with a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat(n // 3 + 1)[:n]
+    return (COLOURS[labels].view(n, 3, 1, 1) + 0.05 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), labels
+
+
+class NearestColour(nn.Module):
+    """A clean colour classifier: the class of the nearest colour."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -20 * torch.cdist(x.mean((2, 3)), COLOURS)
+
+
+def test_a_blend_toward_grey_reaches_a_grey_class_by_colour():
+    x, y = coloured(60)
+    greying = with_blends([0.9, 0.9], [0.5, 0.5], channels=3)
+    greying.targets = torch.tensor([1, 0])
+    share = blend.natural_share(greying, (x[:30], y[:30]), (x[30:], y[30:]))
+    assert share.tolist() == [1.0, 0.0], "greyed red and blue images look grey, not red"
+
+
+def test_a_greyish_clean_class_is_not_a_filter_target(one_thread):
+    x, y = coloured(150)
+    config = baerase.Config(family="blend", min_blend_shrink=2.0, progress=False)
+    report = baerase.scan(NearestColour(), x, y, config=config)
+    assert report.classes[1].trigger_norm * 2 < report.classes[0].trigger_norm, "grey is reached by greying"
+    assert report.flagged == []
 
 
 class Constant(nn.Module):

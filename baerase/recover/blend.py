@@ -5,7 +5,9 @@ changes every pixel a little, so no small mask or warp explains it, but a unifor
 ``x' = (1 - s) x + s v`` toward a grey level v reproduces it with a small strength s. Its size is the
 attenuation ``-ln(1 - s)``, the contrast it removes on a log scale: a clean class is reached only
 once most of the image is gone. The level is grey, not a colour: where classes differ by colour, a
-tint toward a class's colour is content, not a filter.
+tint toward a class's colour is content, not a filter. A greyish class is reached by greying images,
+as a filter's target is: on colour images a blend must also not make images look like its class in
+colour (``natural_share``).
 """
 
 from __future__ import annotations
@@ -77,10 +79,22 @@ class BlendSet(Stacked):
         return torch.where(self.found, self.size(), limit)
 
 
-def applies_to(images: torch.Tensor) -> bool:
-    """Whether the blend fallback runs on ``images`` [N, C, H, W]: greyscale only. Where classes differ
-    by colour, grey is a colour, and a blend reaches a greyish clean class as cheaply as a filter's target."""
-    return images.shape[1] == 1
+@torch.no_grad()
+def natural_share(
+    blends: BlendSet, fit: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Per blend [k], the share of the held-out images (images in [0, 1], labels) of other classes whose
+    blended mean colour lies nearest its class's mean colour among the ``fit`` images' classes: how
+    often the blend makes an image look like its class by colour alone."""
+    (x_fit, y_fit), (x, y) = fit, held_out
+    classes = torch.unique(y_fit)
+    centres = torch.stack([x_fit[y_fit == c].mean((0, 2, 3)) for c in classes])  # [classes, C]
+    _, g = blends.sample(len(y))
+    colours = blends.stamp(x, g.to(x.device)).mean((3, 4))  # [k, N, C]
+    nearest = classes[torch.cdist(colours, centres.expand(len(blends), -1, -1)).argmin(2)]
+    targets = blends.targets.view(-1, 1).to(y.device)
+    other = y.view(1, -1) != targets
+    return ((nearest == targets) & other).sum(1) / other.sum(1).clamp(min=1)
 
 
 def unblended(blends: BlendSet) -> BlendSet:
