@@ -264,43 +264,52 @@ def _untargeted_fallback(first: Judged, spent: cost.Cost) -> Judged | None:
     return inputs, screened, dataclasses.replace(verdict, flagged=flagged, untargeted=found.recovery.triggers), None
 
 
+def _keeping(screened: Screened, verdict: Verdict, passes) -> Verdict:
+    """``verdict`` keeping the flagged classes whose recovered triggers pass: ``passes(triggers, rows)`` gives
+    one bool per flagged row. Under torchrun only rank 0 holds the triggers: it decides for all."""
+    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
+    if len(flagged) and screened.recovery.triggers is not None:
+        keep[flagged] = passes(screened.recovery.triggers.select(flagged), flagged).cpu()
+    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+
+
 def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
     """``verdict`` keeping only the warps that reach their class far more often than random smooth
     warps of their size (``detection.min_warp_lift``): a backdoor answers one warp, a class that is
     merely easy to reach answers any."""
-    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
-    if screened.recovery.triggers is not None:  # under torchrun only rank 0 holds them: it decides for all
-        warps = screened.recovery.triggers.select(flagged)
-        x, y = inputs.held_out
+    x, y = inputs.held_out
+
+    def specific(warps, flagged: torch.Tensor) -> torch.Tensor:
         own = screened.recovery.success[flagged].to(x.device)
         gain = warp.lift(warps, own, lambda w: attack_success(w, inputs.model, x, y, inputs.mean, inputs.std))
-        keep[flagged] = gain.cpu() >= inputs.config.detection.min_warp_lift
-    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+        return gain >= inputs.config.detection.min_warp_lift
+
+    return _keeping(screened, verdict, specific)
 
 
 def _caused_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
     """``verdict`` keeping only the blends that flip ``detection.min_attack_success`` more of the held-out
     images than the clean images reach their class unblended: a model that already sends most images
     to one class (an untrained one) shows a tiny blend there that changes nothing."""
-    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
-    if len(flagged) and screened.recovery.triggers is not None:  # under torchrun only rank 0 holds them
-        x, y = inputs.held_out
-        unblended = blend.unblended(screened.recovery.triggers.select(flagged))
-        already = attack_success(unblended, inputs.model, x, y, inputs.mean, inputs.std).cpu()
-        keep[flagged] = screened.recovery.success[flagged] - already >= inputs.config.detection.min_attack_success
-    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+    x, y = inputs.held_out
+
+    def caused(blends, flagged: torch.Tensor) -> torch.Tensor:
+        already = attack_success(blend.unblended(blends), inputs.model, x, y, inputs.mean, inputs.std).cpu()
+        return screened.recovery.success[flagged] - already >= inputs.config.detection.min_attack_success
+
+    return _keeping(screened, verdict, caused)
 
 
 def _unnatural_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
     """``verdict`` keeping, on colour images, only the blends that make images look like their class by
     colour less often than chance (one in the classes present): a blend toward grey reaches a greyish
     clean class because it greys the images, a colour filter's target because the model learnt the filter."""
-    flagged, keep = torch.nonzero(verdict.flagged).flatten(), verdict.flagged.clone()
-    if len(flagged) and inputs.images.shape[1] > 1 and screened.recovery.triggers is not None:
-        blends = screened.recovery.triggers.select(flagged)
-        share = blend.natural_share(blends, inputs.fit, inputs.held_out).cpu()
-        keep[flagged] = share < 1 / len(torch.unique(inputs.fit[1]))
-    return dataclasses.replace(verdict, flagged=distributed.from_rank0(keep))
+    if inputs.images.shape[1] == 1:
+        return verdict
+    chance = 1 / len(torch.unique(inputs.fit[1]))
+    return _keeping(
+        screened, verdict, lambda blends, _: blend.natural_share(blends, inputs.fit, inputs.held_out) < chance
+    )
 
 
 def _beyond_reach(
