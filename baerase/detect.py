@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -248,16 +248,28 @@ def _near_the_strongest(flagged: torch.Tensor, values: torch.Tensor, side: str, 
 
 
 def verify(
-    targets: list[int], reference: torch.Tensor, rerecover: Rerecover, config: Config, steps: int | None = None
+    targets: list[int],
+    reference: torch.Tensor,
+    rerecover: Rerecover,
+    config: Config,
+    steps: int | None = None,
+    unflagged: Sequence[int] = (),
 ) -> tuple[RecoveryResult, list[dict], torch.Tensor]:
     """Recover ``targets`` afresh on a repaired model and judge each against ``reference``.
 
     An unlearned class's boundary stays easier to reach than the clean classes', so its trigger
     must also shrink ``config.detection.verify_shrink`` times below their median to count as still there.
-    Returns (recovery, per-class evidence, still-backdoored bool [len(targets)]).
+    A backdoor can keep the other classes out of reach, and then the scan's median is the recovery's limit,
+    not their scale: a class found again is judged again against the ``unflagged`` classes recovered on the
+    repaired model when they are reached more cheaply. Returns (recovery, per-class evidence,
+    still-backdoored bool [len(targets)]).
     """
     shrink = max(min_shrink(config), config.detection.verify_shrink)
     again, index, found = _recovered_again(rerecover, targets, 0, reference, config, shrink, steps)
+    if side_of(config.recovery.family) == "low" and found.any() and len(unflagged) >= 2:
+        measured = _reference_again(rerecover, list(unflagged), config, "low")
+        if measured.median() < reference.median():  # log masses
+            again, index, found = _recovered_again(rerecover, targets, 0, measured, config, shrink, steps)
     evidence = [
         {
             "target": t,

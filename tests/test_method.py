@@ -225,6 +225,31 @@ def test_a_second_flag_is_judged_against_the_classes_reached_once_the_strongest_
     assert torch.nonzero(second.flagged).flatten().tolist() == [0, 8]
 
 
+@pytest.mark.parametrize(
+    ("fresh", "others", "still"),
+    [([50.0], 390.0, True), ([50.0, 50.0], 55.0, False), ([50.0, 3.0], 55.0, True), ([3.0, 3.0], 55.0, True)],
+)
+def test_a_repaired_class_is_judged_against_the_classes_reached_on_the_repaired_model(fresh, others, still):
+    # The backdoor kept every other class at the recovery's 390 px limit; once it is unlearned they are reached
+    # at about 55 px: a 50 px trigger toward the repaired class is its boundary, unless, recovered again against
+    # that scale, it shrinks to the backdoor's 3 px (the first recovery stopped as soon as it beat 390 px).
+    from baerase.detect import verify
+    from baerase.recover import RecoveryResult
+
+    asked, fresh = [], iter(fresh)
+
+    def rerecover(targets, seed_offset, steps, enough=None):
+        asked.append(targets)
+        norms = torch.tensor([next(fresh) if t == 0 else others + t % 4 for t in targets], dtype=torch.float)
+        return RecoveryResult(targets, None, torch.full((len(targets),), 0.9), norms, torch.full((len(targets),), 100))
+
+    reference = torch.log(torch.full((9,), 390.0) + torch.arange(9.0) % 4)
+    _, evidence, found = verify([0], reference, rerecover, Config(), unflagged=list(range(1, 10)))
+    assert found.tolist() == [still] and evidence[0]["backdoor_found"] == still
+    again = [[0]] if others < 390 else []
+    assert asked == [[0], list(range(1, 10)), *again], "the unflagged classes are recovered on the repaired model"
+
+
 def test_the_independence_test_is_off_at_zero_steps():
     from baerase.detect import independent
 

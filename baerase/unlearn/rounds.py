@@ -14,7 +14,7 @@ from .. import cost
 from ..detect import score_values, side_of, untargeted, verify
 from ..progress import progress
 from ..recover import UNTARGETED, RecoveryResult, TriggerSet, families, frozen
-from ..report import UNCHANGED, EraseResult, ScanReport
+from ..report import UNCHANGED, ClassResult, EraseResult, ScanReport
 from ..validate import Inputs
 from .guard import allowed_drop, clean_accuracy
 from .loop import StepBudget, UnlearnOutcome, step_budget, unlearn
@@ -32,7 +32,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
     cfg, model, flagged = inputs.config, inputs.model, report.flagged
     _warn_small_guard(inputs)
     triggers = report.flagged_triggers().to(inputs.device)
-    reference = _clean_reference(report)
+    reference, unflagged = _clean_reference(report), [c.target for c in _clean_classes(report)]
     # The verification re-scan spends what the scan needed to find these classes' triggers.
     verify_steps = max((c.steps or cfg.recovery.steps) for c in report.classes if c.flagged)
     floor = clean_accuracy(model, *inputs.held_out, inputs.mean, inputs.std) - allowed_drop(
@@ -51,7 +51,7 @@ def erase_rounds(inputs: Inputs, report: ScanReport, rerecover_on) -> EraseResul
             if report.untargeted:
                 rescan, evidence, still = _verify_untargeted(inputs, report, current, rerecover)
             else:
-                rescan, evidence, still = verify(flagged, reference, rerecover, cfg, steps=verify_steps)
+                rescan, evidence, still = verify(flagged, reference, rerecover, cfg, verify_steps, unflagged)
         if not still.any():
             break
         triggers = families.concat([triggers, rescan.triggers.select(torch.nonzero(still).flatten())])
@@ -182,10 +182,15 @@ def _result(
     )
 
 
+def _clean_classes(report: ScanReport) -> list[ClassResult]:
+    """The classes the scan did not flag and recovered fully."""
+    return [c for c in report.classes if not c.flagged and not c.screened_out]
+
+
 def _clean_reference(report: ScanReport) -> torch.Tensor:
     """The score values of the classes the scan did not flag (fully recovered ones): the yardstick
     a repaired class's fresh trigger is judged against."""
-    clean = [c for c in report.classes if not c.flagged and not c.screened_out]
+    clean = _clean_classes(report)
     return score_values(
         torch.tensor([c.trigger_norm for c in clean]),
         torch.tensor([c.attack_success for c in clean]),
