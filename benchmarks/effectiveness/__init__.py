@@ -3,6 +3,7 @@
     python -m benchmarks.effectiveness                 # small grid, a few minutes on 2 cores
     python -m benchmarks.effectiveness --grid full     # the grid with ablations (hours)
     python -m benchmarks.effectiveness --data PATH     # the same on a user's data set
+    python -m benchmarks.effectiveness.reach colour10/sig_clean/0 colour10/clean/0   # per-class universal signals
 
 Per cell (data, model, attack, poison rate, defender budget, seed) it trains the model, then runs
 every defense on the same clean hold-out images and reports clean accuracy and attack success
