@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("cells", nargs="+", help="data/attack/seed, e.g. colour10/sig_clean/0 or colour10/clean/1")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    for spec in args.cells:
-        cell = _cell(spec)
+    try:
+        cells = [(spec, _cell(spec)) for spec in args.cells]
+    except ValueError as exc:
+        ap.error(f"cells are data/attack/seed, e.g. colour10/sig_clean/0 or colour10/clean/1 ({exc})")
+    for spec, cell in cells:
         train_xy, (x, y), (tx, ty) = splits(cell)
         model, _ = train(cell, train_xy, int(train_xy[1].max()) + 1)
         model.eval().requires_grad_(False)
