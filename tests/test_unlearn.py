@@ -270,8 +270,8 @@ def test_a_round_that_cannot_erase_its_triggers_with_patch_reach_runs_again_with
 # ---- the loss ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scarce", [False, True])
-def test_loss_terms_add_up_to_the_total(scarce):
+@pytest.mark.parametrize("copies", [False, True])
+def test_loss_terms_add_up_to_the_total(copies):
     net, t = linear(), triggers()
     fit, val = labelled(net, 8, 1), labelled(net, 8, 2)
     config = CFG.replace(alpha_u=3.0, relabel_weight=0.5, weight_l1=0.1)
@@ -283,9 +283,9 @@ def test_loss_terms_add_up_to_the_total(scarce):
         fit_logp = torch.log_softmax(net(fit[0]), 1)
     original = linear()
     negate(original)  # copies anchor to a model that answers otherwise: the term is not 0
-    loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None)
+    loss = UnlearnLoss(config, fit_logp, anchor, K, original if copies else None)
     terms = loss(net, inputs, generator)
-    held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if scarce else terms.clean
+    held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if copies else terms.clean
     expected = (
         config.unlearning.alpha_u * held
         - terms.ascent
@@ -293,13 +293,13 @@ def test_loss_terms_add_up_to_the_total(scarce):
         + config.unlearning.weight_l1 * terms.drift
     )
     assert torch.allclose(terms.total, expected)
-    assert (terms.copy_anchor is not None) == scarce
+    assert (terms.copy_anchor is not None) == copies
     assert 0 <= terms.ascent <= inputs.parts * math.log(2 * K)  # each part's mean, clipped at the cap
     assert terms.drift.item() == pytest.approx(0.01 * sum(p.numel() for p in net.parameters()), rel=1e-4)
     assert terms.target_nll.shape == terms.valid.shape == (len(inputs.targets),)
     values = terms.floats()
     assert set(values) == {f"loss_{n}" for n in ("clean", "copy_anchor", "ascent", "relabel", "drift", "total")}
-    assert values["loss_total"] == pytest.approx(terms.total.item()) and (values["loss_copy_anchor"] > 0) == scarce
+    assert values["loss_total"] == pytest.approx(terms.total.item()) and (values["loss_copy_anchor"] > 0) == copies
     terms.total = terms.total * math.nan
     assert terms.floats()["loss_total"] is None  # a non-finite step logs None, which JSON can hold
 

@@ -187,12 +187,11 @@ def unlearn(
         reference_logp = _answers(reference, fit, val, mean, std)
         guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
                       accuracy_floor=accuracy_floor)  # fmt: skip
-        scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         # The soft targets must not hold a backdoor's leak into the original's clean answers.
         leaked = _leaked(reference_logp, guard.y_all, triggers.targets, settings.leak_ratio, settings.leak_floor)
         fit_logp = _without(reference_logp[: len(fit[1])], fit[1], leaked)
         loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
-                              reference if scarce else None, mean, std)  # fmt: skip
+                              reference if settings.copy_weight > 0 else None, mean, std)  # fmt: skip
         budget = step_budget(config, len(fit[1])) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)

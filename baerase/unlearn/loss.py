@@ -56,7 +56,7 @@ class LossTerms:
     """The loss of one step and its parts (unweighted; ``total`` weighs them)."""
 
     clean: torch.Tensor  # CE + KL to the original on the clean images held
-    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (only with a scarce clean set)
+    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (None: ``copy_weight`` 0)
     ascent: torch.Tensor  # target CE of the triggered rows, clipped at the cap (subtracted)
     relabel: torch.Tensor  # CE of the triggered rows toward their true labels
     drift: torch.Tensor  # ||theta - theta_0||_1
@@ -82,7 +82,7 @@ class UnlearnLoss:
     """The loss of a step, given the model and a :class:`TriggeredBatch`.
 
     fit_logp: the original's log-probabilities on the fit split; anchor: the starting parameters;
-    copies_from: the original model when the clean set is scarce (mixed copies anchored too), else None.
+    copies_from: the original model, to anchor mixed copies of the clean images too, or None.
     """
 
     def __init__(

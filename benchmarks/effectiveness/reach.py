@@ -4,9 +4,10 @@
 
 Each argument names a grid cell (data/attack/seed; ``clean`` for a clean model). Per class it fits one
 image-independent additive signal on the defender's images, the smallest (RMS, pixel scale) that still
-sends ``GOAL`` of a batch of other-class images to the class (Neural Cleanse's adaptive cost), in three
-forms: free, zero mean per channel (no colour cast), and without its 8 x 8 block means (no smooth
-colour regions). It prints each class's RMS, the success of the signal on the test split, and the
+sends ``GOAL`` of a batch of other-class images to the class (Neural Cleanse's adaptive cost), in five
+forms: free, zero mean per channel (no colour cast), without its 8 x 8 block means (no smooth colour
+regions), and the stripes of a SIG signal: one value per column repeated down the rows (``columns``)
+or per row across the columns (``rows``). It prints each class's RMS, the success of the signal on the test split, and the
 median over the smallest: a trigger-size test can flag a class only when the backdoor makes it that
 much cheaper than on a clean model.
 """
@@ -22,7 +23,7 @@ from .grid import Cell, beyond_cell
 from .run import splits, train
 
 GOAL, STEPS, BATCH, LR = 0.9, 300, 64, 0.01
-FORMS = ("free", "zero_mean", "no_block_means")
+FORMS = ("free", "zero_mean", "no_block_means", "columns", "rows")
 
 
 def _shape(signal: torch.Tensor, form: str) -> torch.Tensor:
@@ -32,6 +33,10 @@ def _shape(signal: torch.Tensor, form: str) -> torch.Tensor:
     if form == "no_block_means":
         blocks = F.avg_pool2d(signal, 8)
         return signal - F.interpolate(blocks, size=signal.shape[-2:], mode="bilinear", align_corners=False)
+    if form == "columns":
+        return signal.mean(2, keepdim=True).expand_as(signal)
+    if form == "rows":
+        return signal.mean(3, keepdim=True).expand_as(signal)
     return signal
 
 
