@@ -17,7 +17,7 @@ from ..config import Config, Unlearning
 from ..recover import TriggerSet
 from .batch import TriggeredBatches
 from .guard import Guard, logits_of
-from .loss import UnlearnLoss
+from .loss import UnlearnLoss, without_classes
 
 
 @dataclass
@@ -34,10 +34,6 @@ class UnlearnOutcome:
     rolled_back: int = 0  # steps undone because they produced NaN/inf
     kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
     reached: bool = False  # a universal perturbation took any colour near a position-bound trigger (patch_reach)
-
-
-# A finite log(0): the KL's 0 * (log 0 - x) must be 0, not NaN.
-_LOG_ZERO = -100.0
 
 
 @contextmanager
@@ -90,11 +86,7 @@ def _leaked(
 
 def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [N, K] with the share of ``classes`` removed on the images of other classes."""
-    if not len(classes):
-        return logp
-    other = ~torch.isin(labels.to(logp.device), classes)
-    cleared = logp.index_fill(1, classes, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
-    return torch.where(other.unsqueeze(1), cleared, logp)
+    return without_classes(logp, ~torch.isin(labels.to(logp.device), classes), classes)
 
 
 class _Schedule:
