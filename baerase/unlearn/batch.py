@@ -35,6 +35,7 @@ class TriggeredBatch:
     true_labels: torch.Tensor  # [parts * K * B]: the clean label of each triggered row
     targets: torch.Tensor  # [parts * K * B]: the class each triggered row is unlearned from
     parts: int
+    size: int  # the batch's own images, the first of ``held``
 
 
 def _toward_targets(
@@ -149,6 +150,7 @@ class TriggeredBatches:
             true_labels=y.repeat(k * self.parts),
             targets=self.triggers.targets.repeat_interleave(len(y)).repeat(self.parts),
             parts=self.parts,
+            size=len(batch),
         )
 
     @torch.no_grad()

@@ -129,8 +129,10 @@ class UnlearnLoss:
         clean_part, copy_anchor = clean, None
         if self.copies_from is not None:
             targets = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
-            copy_anchor = _copy_anchor(model, self.copies_from, batch.images, batch.labels, targets, generator,
-                                       self.mean, self.std, self.settings.copy_shift)  # fmt: skip
+            # Copies of the batch alone: the targets' extra clean images would tilt them toward the targets.
+            own = slice(0, batch.size)
+            copy_anchor = _copy_anchor(model, self.copies_from, batch.images[own], batch.labels[own], targets,
+                                       generator, self.mean, self.std, self.settings.copy_shift)  # fmt: skip
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
         untargeted = batch.targets == UNTARGETED
