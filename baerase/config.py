@@ -245,8 +245,8 @@ class Unlearning:
     moved_share: float = 0.1  # position-bound below this, moved/in-place (fixed patch 0.01-0.04, BadNets 0.15-0.36)
     backtrack_slack: float = 2.0  # back off only beyond this many further allowed drops outside the bounds
     bisections: int = 3  # halvings of the segment back to the round's start (MNIST blend: ASR 100% -> 0.2%)
-    # Weight of the KL to the original on mixed, moved copies of the clean images (0: off): a few hundred
-    # images alone let the clean function and the real trigger drift off them. At 1 the copies hold part of the backdoor.
+    # Weight of the KL to the original on mixed, moved copies of clean images of the other classes (0: off):
+    # a few hundred images alone let the clean function, and the real trigger's response, drift between them.
     copy_weight: float = 0.1
     copy_shift: float = 1 / 8  # copies move by up to this share of the image side
     patch_reach: int = 2  # a position-bound trigger's universal perturbation takes any colour this near it (0: off)

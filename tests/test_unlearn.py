@@ -15,6 +15,7 @@ from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 from baerase.unlearn.batch import _clamped, _radius
 from baerase.unlearn.loop import StepBudget, _leaked, _Schedule, _without, step_budget
+from baerase.unlearn.loss import _copy_anchor
 
 torch.set_num_threads(1)
 
@@ -270,9 +271,24 @@ def test_a_round_that_cannot_erase_its_triggers_with_patch_reach_runs_again_with
 # ---- the loss ----------------------------------------------------------------------------------
 
 
+def test_copies_anchor_the_other_classes_without_the_targets_share():
+    reference = linear()
+    images = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([1])
+    blind = linear()
+    with torch.no_grad():
+        blind[1].bias[1] = -1e4  # the reference's answers with the target's share removed
+
+    def anchor(model):
+        return _copy_anchor(model, reference, images, target, torch.Generator().manual_seed(0), None, None).item()
+
+    assert anchor(blind) == pytest.approx(0.0, abs=1e-6)
+    assert anchor(reference) > 0.01
+
+
 @pytest.mark.parametrize("copies", [False, True])
 def test_loss_terms_add_up_to_the_total(copies):
-    net, t = linear(), triggers()
+    net, t = linear(), triggers((0,))  # the images are all of class 1: copies are made of them
     fit, val = labelled(net, 8, 1), labelled(net, 8, 2)
     config = CFG.replace(alpha_u=3.0, relabel_weight=0.5, weight_l1=0.1)
     batches = TriggeredBatches(t, net, fit, val, config)

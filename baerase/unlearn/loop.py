@@ -86,7 +86,7 @@ def _leaked(
 
 def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [N, K] with the share of ``classes`` removed on the images of other classes."""
-    return without_classes(logp, ~torch.isin(labels.to(logp.device), classes), classes)
+    return without_classes(logp, classes, ~torch.isin(labels.to(logp.device), classes))
 
 
 class _Schedule:

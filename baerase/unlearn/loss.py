@@ -21,12 +21,11 @@ _LOG_ZERO = -100.0
 
 
 def _mixed_copies(
-    x: torch.Tensor, generator: torch.Generator, shift_share: float = Unlearning.copy_shift, partner=None
+    x: torch.Tensor, generator: torch.Generator, shift_share: float = Unlearning.copy_shift
 ) -> torch.Tensor:
-    """Each image of x [N, C, H, W] mixed with another (``partner`` [N], default a random permutation) at
-    a random share, the batch then moved (cyclically) by up to ``shift_share`` of each side: inputs near
-    the clean data, not on it."""
-    partner = torch.randperm(len(x), generator=generator).to(x.device) if partner is None else partner
+    """Each image of x [N, C, H, W] mixed with another at a random share, the batch then moved
+    (cyclically) by up to ``shift_share`` of each side: inputs near the clean data, not on it."""
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
     share = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device)
     shift = [
         int(torch.randint(-int(n * shift_share), int(n * shift_share) + 1, (1,), generator=generator))
@@ -39,34 +38,30 @@ def _kl(logp: torch.Tensor, reference_logp: torch.Tensor) -> torch.Tensor:
     return F.kl_div(logp, reference_logp, log_target=True, reduction="batchmean")
 
 
-def without_classes(logp: torch.Tensor, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [N, K] with the share of ``classes`` removed on the ``rows`` [N] marked."""
+def without_classes(logp: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities [N, K] with the share of ``classes`` removed on the ``rows`` [N] marked (None: all)."""
     if not len(classes):
         return logp
     cleared = logp.index_fill(1, classes, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
-    return torch.where(rows.unsqueeze(1), cleared, logp)
+    return cleared if rows is None else torch.where(rows.unsqueeze(1), cleared, logp)
 
 
 def _copy_anchor(
     model: nn.Module,
     reference: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor,
     targets: torch.Tensor,
     generator: torch.Generator,
     mean,
     std,
     shift_share: float = Unlearning.copy_shift,
 ) -> torch.Tensor:
-    """KL(reference || model) on mixed copies of the clean ``images``; a copy mixed from two images of
-    classes other than the ``targets`` holds no target's share: the original's pull toward a backdoor's
-    target on such inputs is the backdoor, not the clean function."""
-    partner = torch.randperm(len(images), generator=generator).to(images.device)
-    copies = normalize_images(_mixed_copies(images, generator, shift_share, partner), mean, std)
+    """KL(reference || model) on mixed copies of clean ``images`` of classes other than the ``targets``,
+    without the targets' share: the original's pull toward a target there is the backdoor, not the
+    clean function (near a target's own images the two overlap, so no copy is made of them)."""
+    copies = normalize_images(_mixed_copies(images, generator, shift_share), mean, std)
     with torch.no_grad():
-        reference_logp = F.log_softmax(forward(reference, copies), 1)
-        neither = ~torch.isin(labels, targets) & ~torch.isin(labels[partner], targets)
-        reference_logp = without_classes(reference_logp, neither, targets)
+        reference_logp = without_classes(F.log_softmax(forward(reference, copies), 1), targets)
     return _kl(F.log_softmax(forward(model, copies), 1), reference_logp)
 
 
@@ -127,12 +122,12 @@ class UnlearnLoss:
         clean_logp = F.log_softmax(logits[:held], 1)
         clean = F.nll_loss(clean_logp, batch.labels) + _kl(clean_logp, self.fit_logp[batch.held])
         clean_part, copy_anchor = clean, None
-        if self.copies_from is not None:
-            targets = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
-            # Copies of the batch alone: the targets' extra clean images would tilt them toward the targets.
-            own = slice(0, batch.size)
-            copy_anchor = _copy_anchor(model, self.copies_from, batch.images[own], batch.labels[own], targets,
-                                       generator, self.mean, self.std, self.settings.copy_shift)  # fmt: skip
+        targets = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
+        others = batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], targets)]
+        if self.copies_from is not None and len(others) >= 2:
+            copy_anchor = _copy_anchor(
+                model, self.copies_from, others, targets, generator, self.mean, self.std, self.settings.copy_shift
+            )
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
         untargeted = batch.targets == UNTARGETED
