@@ -70,7 +70,7 @@ class LossTerms:
     """The loss of one step and its parts (unweighted; ``total`` weighs them)."""
 
     clean: torch.Tensor  # CE + KL to the original on the clean images held
-    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (None: ``copy_weight`` 0)
+    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (None: none made this step)
     ascent: torch.Tensor  # target CE of the triggered rows, clipped at the cap (subtracted)
     relabel: torch.Tensor  # CE of the triggered rows toward their true labels
     drift: torch.Tensor  # ||theta - theta_0||_1

@@ -7,9 +7,9 @@ image-independent additive signal on the defender's images, the smallest (RMS, p
 sends ``GOAL`` of a batch of other-class images to the class (Neural Cleanse's adaptive cost), in five
 forms: free, zero mean per channel (no colour cast), without its 8 x 8 block means (no smooth colour
 regions), and the stripes of a SIG signal: one value per column repeated down the rows (``columns``)
-or per row across the columns (``rows``). It prints each class's RMS, the success of the signal on the test split, and the
-median over the smallest: a trigger-size test can flag a class only when the backdoor makes it that
-much cheaper than on a clean model.
+or per row across the columns (``rows``). It prints each class's RMS, the success of the signal on
+the test split, and the median over the smallest: a trigger-size test can flag a class only when the
+backdoor makes it that much cheaper than on a clean model.
 """
 
 from __future__ import annotations
