@@ -35,7 +35,6 @@ class TriggeredBatch:
     true_labels: torch.Tensor  # [parts * K * B]: the clean label of each triggered row
     targets: torch.Tensor  # [parts * K * B]: the class each triggered row is unlearned from
     parts: int
-    size: int  # the batch's own images, the first of ``held``
 
 
 def _toward_targets(
@@ -150,7 +149,6 @@ class TriggeredBatches:
             true_labels=y.repeat(k * self.parts),
             targets=self.triggers.targets.repeat_interleave(len(y)).repeat(self.parts),
             parts=self.parts,
-            size=len(batch),
         )
 
     @torch.no_grad()
