@@ -9,6 +9,7 @@ from benchmarks.effectiveness import __main__ as cli
 from benchmarks.effectiveness.grid import Cell, drawn_grid, full_grid, small_grid
 from benchmarks.effectiveness.report import markdown, write
 from benchmarks.effectiveness.run import BAR_ASR, make_trigger, run_cell
+from benchmarks.effectiveness.trajectory import find
 
 
 def test_grids_cover_the_issue():
@@ -27,6 +28,14 @@ def test_drawn_cells_are_the_same_every_run_and_each_trigger_stamps():
     for cell in cells:
         if cell.attack is not None:
             assert not torch.equal(make_trigger(cell.attack)(x), x), cell.name
+
+
+def test_a_trajectory_takes_any_grid_cell_by_the_name_the_runner_prints():
+    for grid in (small_grid, full_grid, drawn_grid):
+        for cell in grid()[::7]:
+            assert find(cell.name).name == cell.name
+    with pytest.raises(ValueError, match="no grid cell is called 'mnist/nope'"):
+        find("mnist/nope")
 
 
 def test_one_cell_and_report(tmp_path):
