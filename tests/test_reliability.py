@@ -345,7 +345,8 @@ def test_unlearn_rolls_back_non_finite_steps_and_counts_them():
     m = model()
     triggers = _scan(m=m).triggers.select([1])
     fit, val = (X[:32], Y[:32]), (X[32:], Y[32:])
-    cfg = CFG.replace(unlearn_epochs=4, unlearn_batch_size=8, asr_stop=0.0, min_steps=40)
+    # copy_weight 0: one forward with gradients per step (the copies would add a second)
+    cfg = CFG.replace(unlearn_epochs=4, unlearn_batch_size=8, asr_stop=0.0, min_steps=40, copy_weight=0.0)
     outcome = unlearn_module.unlearn(_NaNEveryOtherStep(m), triggers, fit, val, cfg, num_classes=K)
     # 4 epochs of 4 batches, raised to the minimum step budget; every other step is non-finite
     assert outcome.steps == max(16, cfg.unlearning.min_steps)

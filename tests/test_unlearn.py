@@ -15,6 +15,7 @@ from baerase.recover import TriggerSet
 from baerase.unlearn import Guard, TriggeredBatches, UnlearnLoss, unlearn
 from baerase.unlearn.batch import _clamped, _radius
 from baerase.unlearn.loop import StepBudget, _leaked, _Schedule, _without, step_budget
+from baerase.unlearn.loss import _copy_anchor
 
 torch.set_num_threads(1)
 
@@ -270,9 +271,24 @@ def test_a_round_that_cannot_erase_its_triggers_with_patch_reach_runs_again_with
 # ---- the loss ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scarce", [False, True])
-def test_loss_terms_add_up_to_the_total(scarce):
-    net, t = linear(), triggers()
+def test_copies_anchor_the_other_classes_without_the_targets_share():
+    reference = linear()
+    images = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([1])
+    blind = linear()
+    with torch.no_grad():
+        blind[1].bias[1] = -1e4  # the reference's answers with the target's share removed
+
+    def anchor(model):
+        return _copy_anchor(model, reference, images, target, torch.Generator().manual_seed(0), None, None).item()
+
+    assert anchor(blind) == pytest.approx(0.0, abs=1e-6)
+    assert anchor(reference) > 0.01
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_loss_terms_add_up_to_the_total(copies):
+    net, t = linear(), triggers((0,))  # the images are all of class 1: copies are made of them
     fit, val = labelled(net, 8, 1), labelled(net, 8, 2)
     config = CFG.replace(alpha_u=3.0, relabel_weight=0.5, weight_l1=0.1)
     batches = TriggeredBatches(t, net, fit, val, config)
@@ -283,9 +299,9 @@ def test_loss_terms_add_up_to_the_total(scarce):
         fit_logp = torch.log_softmax(net(fit[0]), 1)
     original = linear()
     negate(original)  # copies anchor to a model that answers otherwise: the term is not 0
-    loss = UnlearnLoss(config, fit_logp, anchor, K, original if scarce else None)
+    loss = UnlearnLoss(config, fit_logp, anchor, K, original if copies else None)
     terms = loss(net, inputs, generator)
-    held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if scarce else terms.clean
+    held = terms.clean + config.unlearning.copy_weight * terms.copy_anchor if copies else terms.clean
     expected = (
         config.unlearning.alpha_u * held
         - terms.ascent
@@ -293,13 +309,13 @@ def test_loss_terms_add_up_to_the_total(scarce):
         + config.unlearning.weight_l1 * terms.drift
     )
     assert torch.allclose(terms.total, expected)
-    assert (terms.copy_anchor is not None) == scarce
+    assert (terms.copy_anchor is not None) == copies
     assert 0 <= terms.ascent <= inputs.parts * math.log(2 * K)  # each part's mean, clipped at the cap
     assert terms.drift.item() == pytest.approx(0.01 * sum(p.numel() for p in net.parameters()), rel=1e-4)
     assert terms.target_nll.shape == terms.valid.shape == (len(inputs.targets),)
     values = terms.floats()
     assert set(values) == {f"loss_{n}" for n in ("clean", "copy_anchor", "ascent", "relabel", "drift", "total")}
-    assert values["loss_total"] == pytest.approx(terms.total.item()) and (values["loss_copy_anchor"] > 0) == scarce
+    assert values["loss_total"] == pytest.approx(terms.total.item()) and (values["loss_copy_anchor"] > 0) == copies
     terms.total = terms.total * math.nan
     assert terms.floats()["loss_total"] is None  # a non-finite step logs None, which JSON can hold
 

@@ -191,6 +191,7 @@ def test_unlearning_relabels_untargeted_rows_and_pushes_no_target_away():
         true_labels=labels,
         targets=torch.full((4,), UNTARGETED),
         parts=1,
+        size=4,
     )
     loss = UnlearnLoss(Config(progress=False), torch.log_softmax(torch.zeros(4, 3), 1), anchor, 3)
     terms = loss(net, batch, torch.Generator().manual_seed(0))

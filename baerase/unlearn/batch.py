@@ -35,6 +35,7 @@ class TriggeredBatch:
     true_labels: torch.Tensor  # [parts * K * B]: the clean label of each triggered row
     targets: torch.Tensor  # [parts * K * B]: the class each triggered row is unlearned from
     parts: int
+    size: int  # the batch's own images, the first of ``held``
 
 
 def _toward_targets(
@@ -115,6 +116,8 @@ class TriggeredBatches:
         self.x_fit, self.y_fit = fit
         self.batch_size = config.unlearning.unlearn_batch_size
         self.in_place = _position_bound(triggers, model, *val, mean, std, settings.moved_share)
+        # Every trigger is a mask that keeps working when moved: a patch placed anywhere, not a blend.
+        self.move_anywhere = triggers.family == "mask" and not bool(self.in_place.any())
         # The ascent lowers each target's logit on every input: its clean images in every batch hold it in place.
         self.target_pool = torch.nonzero(torch.isin(self.y_fit, triggers.targets.to(self.y_fit.device))).flatten()
         self.eps = config.unlearning.universal_eps
@@ -149,6 +152,7 @@ class TriggeredBatches:
             true_labels=y.repeat(k * self.parts),
             targets=self.triggers.targets.repeat_interleave(len(y)).repeat(self.parts),
             parts=self.parts,
+            size=len(batch),
         )
 
     @torch.no_grad()

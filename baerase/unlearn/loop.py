@@ -17,7 +17,7 @@ from ..config import Config, Unlearning
 from ..recover import TriggerSet
 from .batch import TriggeredBatches
 from .guard import Guard, logits_of
-from .loss import UnlearnLoss
+from .loss import UnlearnLoss, without_classes
 
 
 @dataclass
@@ -34,10 +34,6 @@ class UnlearnOutcome:
     rolled_back: int = 0  # steps undone because they produced NaN/inf
     kept_step: int = 0  # the step of the checkpoint returned; 0: no step within the guard beat the start
     reached: bool = False  # a universal perturbation took any colour near a position-bound trigger (patch_reach)
-
-
-# A finite log(0): the KL's 0 * (log 0 - x) must be 0, not NaN.
-_LOG_ZERO = -100.0
 
 
 @contextmanager
@@ -90,11 +86,7 @@ def _leaked(
 
 def _without(logp: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Log-probabilities [N, K] with the share of ``classes`` removed on the images of other classes."""
-    if not len(classes):
-        return logp
-    other = ~torch.isin(labels.to(logp.device), classes)
-    cleared = logp.index_fill(1, classes, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
-    return torch.where(other.unsqueeze(1), cleared, logp)
+    return without_classes(logp, classes, ~torch.isin(labels.to(logp.device), classes))
 
 
 class _Schedule:
@@ -187,16 +179,16 @@ def unlearn(
         reference_logp = _answers(reference, fit, val, mean, std)
         guard = Guard(repaired, triggers, fit, val, config, mean, std, reference_logp=reference_logp, start=anchor,
                       accuracy_floor=accuracy_floor)  # fmt: skip
-        scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         # The soft targets must not hold a backdoor's leak into the original's clean answers.
         leaked = _leaked(reference_logp, guard.y_all, triggers.targets, settings.leak_ratio, settings.leak_floor)
         fit_logp = _without(reference_logp[: len(fit[1])], fit[1], leaked)
-        loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes,
-                              reference if scarce else None, mean, std)  # fmt: skip
+        batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
+        scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
+        copies = settings.copy_weight > 0 and (scarce or batches.move_anywhere)
+        loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes, reference if copies else None, mean, std)
         budget = step_budget(config, len(fit[1])) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)
-        batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         history, step = [guard.first], 0
         while not guard.finished(step, budget) and cost.spent() is None:
             for batch in batches.epoch(generator):

@@ -16,6 +16,9 @@ from ..ops.reference import normalize_images
 from ..recover import UNTARGETED
 from .batch import TriggeredBatch
 
+# A finite log(0): the KL's 0 * (log 0 - x) must be 0, not NaN.
+_LOG_ZERO = -100.0
+
 
 def _mixed_copies(
     x: torch.Tensor, generator: torch.Generator, shift_share: float = Unlearning.copy_shift
@@ -35,19 +38,30 @@ def _kl(logp: torch.Tensor, reference_logp: torch.Tensor) -> torch.Tensor:
     return F.kl_div(logp, reference_logp, log_target=True, reduction="batchmean")
 
 
+def without_classes(logp: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities [N, K] with the share of ``classes`` removed on the ``rows`` [N] marked (None: all)."""
+    if not len(classes):
+        return logp
+    cleared = logp.index_fill(1, classes, -math.inf).log_softmax(1).clamp(min=_LOG_ZERO)
+    return cleared if rows is None else torch.where(rows.unsqueeze(1), cleared, logp)
+
+
 def _copy_anchor(
     model: nn.Module,
     reference: nn.Module,
     images: torch.Tensor,
+    targets: torch.Tensor,
     generator: torch.Generator,
     mean,
     std,
     shift_share: float = Unlearning.copy_shift,
 ) -> torch.Tensor:
-    """KL(reference || model) on mixed copies of the clean ``images``."""
+    """KL(reference || model) on mixed copies of clean ``images`` of classes other than the ``targets``,
+    without the targets' share: the original's pull toward a target there is the backdoor, not the
+    clean function (near a target's own images the two overlap, so no copy is made of them)."""
     copies = normalize_images(_mixed_copies(images, generator, shift_share), mean, std)
     with torch.no_grad():
-        reference_logp = F.log_softmax(forward(reference, copies), 1)
+        reference_logp = without_classes(F.log_softmax(forward(reference, copies), 1), targets)
     return _kl(F.log_softmax(forward(model, copies), 1), reference_logp)
 
 
@@ -56,7 +70,7 @@ class LossTerms:
     """The loss of one step and its parts (unweighted; ``total`` weighs them)."""
 
     clean: torch.Tensor  # CE + KL to the original on the clean images held
-    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (only with a scarce clean set)
+    copy_anchor: torch.Tensor | None  # KL to the original on mixed copies (None: none made this step)
     ascent: torch.Tensor  # target CE of the triggered rows, clipped at the cap (subtracted)
     relabel: torch.Tensor  # CE of the triggered rows toward their true labels
     drift: torch.Tensor  # ||theta - theta_0||_1
@@ -82,7 +96,7 @@ class UnlearnLoss:
     """The loss of a step, given the model and a :class:`TriggeredBatch`.
 
     fit_logp: the original's log-probabilities on the fit split; anchor: the starting parameters;
-    copies_from: the original model when the clean set is scarce (mixed copies anchored too), else None.
+    copies_from: the original model, to anchor mixed copies of the clean images too, or None.
     """
 
     def __init__(
@@ -108,9 +122,11 @@ class UnlearnLoss:
         clean_logp = F.log_softmax(logits[:held], 1)
         clean = F.nll_loss(clean_logp, batch.labels) + _kl(clean_logp, self.fit_logp[batch.held])
         clean_part, copy_anchor = clean, None
-        if self.copies_from is not None:
+        targets = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
+        others = batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], targets)]
+        if self.copies_from is not None and len(others) >= 2:
             copy_anchor = _copy_anchor(
-                model, self.copies_from, batch.images, generator, self.mean, self.std, self.settings.copy_shift
+                model, self.copies_from, others, targets, generator, self.mean, self.std, self.settings.copy_shift
             )
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
