@@ -185,7 +185,8 @@ def unlearn(
         batches = TriggeredBatches(triggers, repaired, fit, val, config, mean, std)
         scarce = len(fit[1]) < settings.scarce_per_class * reference_logp.shape[1]
         copies = settings.copy_weight > 0 and (scarce or batches.move_anywhere)
-        loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes, reference if copies else None, mean, std)
+        loss_of = UnlearnLoss(config, fit_logp, anchor, num_classes, reference if copies else None, mean, std,
+                              away_from_targets=not scarce)  # fmt: skip
         budget = step_budget(config, len(fit[1])) if steps is None else steps
         schedule = _Schedule(repaired, settings.unlearn_lr, settings, budget.most)
         generator = torch.Generator(device="cpu").manual_seed(config.run.seed)

@@ -96,7 +96,8 @@ class UnlearnLoss:
     """The loss of a step, given the model and a :class:`TriggeredBatch`.
 
     fit_logp: the original's log-probabilities on the fit split; anchor: the starting parameters;
-    copies_from: the original model, to anchor mixed copies of the clean images too, or None.
+    copies_from: the original model, to anchor mixed copies of the clean images too, or None;
+    away_from_targets: copies only of the batch's images of other classes, without the targets' share.
     """
 
     def __init__(
@@ -108,9 +109,11 @@ class UnlearnLoss:
         copies_from: nn.Module | None = None,
         mean=None,
         std=None,
+        away_from_targets: bool = True,
     ) -> None:
         self.config, self.fit_logp, self.anchor = config, fit_logp, anchor
         self.copies_from, self.mean, self.std = copies_from, mean, std
+        self.away_from_targets = away_from_targets
         self.settings = config.unlearning
         # Once the target's probability on triggered inputs is below 1 / (2K) the ascent stops pushing:
         # the unbounded ascent that wrecks clean accuracy at the paper's settings cannot happen.
@@ -122,11 +125,13 @@ class UnlearnLoss:
         clean_logp = F.log_softmax(logits[:held], 1)
         clean = F.nll_loss(clean_logp, batch.labels) + _kl(clean_logp, self.fit_logp[batch.held])
         clean_part, copy_anchor = clean, None
-        targets = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
-        others = batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], targets)]
-        if self.copies_from is not None and len(others) >= 2:
+        images, cleared = batch.images, batch.targets[:0]  # a scarce set: copies of every image, as they are
+        if self.away_from_targets:
+            cleared = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
+            images = batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], cleared)]
+        if self.copies_from is not None and len(images) >= 2:
             copy_anchor = _copy_anchor(
-                model, self.copies_from, others, targets, generator, self.mean, self.std, self.settings.copy_shift
+                model, self.copies_from, images, cleared, generator, self.mean, self.std, self.settings.copy_shift
             )
             clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
