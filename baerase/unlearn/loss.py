@@ -119,21 +119,26 @@ class UnlearnLoss:
         # the unbounded ascent that wrecks clean accuracy at the paper's settings cannot happen.
         self.cap = math.log(2 * (num_classes or 2))
 
+    def _copied(self, batch: TriggeredBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the images to copy, the classes whose share their answers lose)."""
+        if not self.away_from_targets:
+            return batch.images, batch.targets[:0]  # a scarce set: copies of every image, as they are
+        cleared = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
+        return batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], cleared)], cleared
+
     def __call__(self, model: nn.Module, batch: TriggeredBatch, generator: torch.Generator) -> LossTerms:
         cfg, held = self.config, len(batch.held)
         logits = forward(model, torch.cat([normalize_images(batch.images, self.mean, self.std), batch.triggered]))
         clean_logp = F.log_softmax(logits[:held], 1)
         clean = F.nll_loss(clean_logp, batch.labels) + _kl(clean_logp, self.fit_logp[batch.held])
         clean_part, copy_anchor = clean, None
-        images, cleared = batch.images, batch.targets[:0]  # a scarce set: copies of every image, as they are
-        if self.away_from_targets:
-            cleared = batch.targets[batch.targets >= 0].unique()  # an untargeted trigger has no class of its own
-            images = batch.images[: batch.size][~torch.isin(batch.labels[: batch.size], cleared)]
-        if self.copies_from is not None and len(images) >= 2:
-            copy_anchor = _copy_anchor(
-                model, self.copies_from, images, cleared, generator, self.mean, self.std, self.settings.copy_shift
-            )
-            clean_part = clean + self.settings.copy_weight * copy_anchor
+        if self.copies_from is not None:
+            images, cleared = self._copied(batch)
+            if len(images) >= 2:
+                copy_anchor = _copy_anchor(
+                    model, self.copies_from, images, cleared, generator, self.mean, self.std, self.settings.copy_shift
+                )
+                clean_part = clean + self.settings.copy_weight * copy_anchor
         triggered_logits = logits[held:]
         untargeted = batch.targets == UNTARGETED
         _, nll = ops.trigger_loss(triggered_logits, torch.where(untargeted, batch.true_labels, batch.targets), 1.0)

@@ -40,14 +40,18 @@ def _shape(signal: torch.Tensor, form: str) -> torch.Tensor:
     return signal
 
 
-def _success(model, x, y, signal) -> torch.Tensor:
-    """Per class [K], the share of images of other classes that ``signal`` [K, C, H, W] sends to the class."""
-    k = len(signal)
-    with torch.no_grad():
-        pred = model((x.unsqueeze(0) + signal.unsqueeze(1)).clamp(0, 1).flatten(0, 1)).argmax(1).view(k, -1)
-    aim = torch.arange(k).view(k, 1)
+def _sent(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per class k [K], the share of the images of other classes (labels ``y`` [N]) predicted k in ``pred`` [K, N]."""
+    aim = torch.arange(len(pred)).view(-1, 1)
     other = y.view(1, -1) != aim
     return ((pred == aim) & other).sum(1) / other.sum(1).clamp(min=1)
+
+
+def _success(model, x, y, signal) -> torch.Tensor:
+    """Per class [K], the share of images of other classes that ``signal`` [K, C, H, W] sends to the class."""
+    with torch.no_grad():
+        pred = model((x.unsqueeze(0) + signal.unsqueeze(1)).clamp(0, 1).flatten(0, 1)).argmax(1)
+    return _sent(pred.view(len(signal), -1), y)
 
 
 def smallest_signals(model, x, y, form: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +76,7 @@ def smallest_signals(model, x, y, form: str, seed: int = 0) -> tuple[torch.Tenso
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            reached = ((logits.argmax(2) == aim).float() * other).sum(1) / other.sum(1).clamp(min=1) >= GOAL
+            reached = _sent(logits.argmax(2), y[idx]) >= GOAL
             better = reached & (rms < best)
             best = torch.where(better, rms, best)
             best_signal[better] = signal[better]
