@@ -50,6 +50,19 @@ def test_a_zero_warp_is_the_identity_and_a_constant_one_shifts():
     assert torch.allclose(warps.norms(), torch.tensor([0.0, 1.0]), atol=1e-5)
 
 
+def test_unlearning_grows_the_warps_and_turns_about_half_of_them():
+    points = torch.zeros(1, 2, 4, 4)
+    points[0, 0] = 0.2  # a constant 0.2 px shift right
+    with baerase.rng.seeded(0):
+        spread = warp._spread(with_points(points).sample(2000)[1])[0]
+    size = torch.linalg.vector_norm(spread, dim=(1, 2, 3)) / torch.linalg.vector_norm(points)
+    along = torch.nn.functional.cosine_similarity(spread.flatten(1), points.flatten(1), dim=1)
+    assert size.min() >= 1 - 1e-5 and size.max() <= 8 + 1e-5 and size.std() > 1
+    kept = along > 1 - 1e-5
+    assert 0.45 < kept.float().mean() < 0.55  # the rest point in random directions
+    assert along[~kept].abs().mean() < 0.5
+
+
 def test_warps_are_selected_stacked_and_rebuilt_from_their_state():
     warps = with_points(torch.rand(3, 2, 4, 4) - 0.5)
     picked = warps.select([2, 0])

@@ -20,6 +20,9 @@ from .triggers import Stacked
 # Unlearning scales a recovered warp by up to this factor: recovery finds the smallest warp that works,
 # which can be a quarter of the attacker's.
 _MAX_GROWTH = 8.0
+# Unlearning turns this share of the grown warps in a random direction: a warp backdoor also answers smooth
+# warps pointing elsewhere, and the one recovered can be nearly orthogonal to the attacker's.
+_TURNED_SHARE = 0.5
 
 
 class WarpSet(Stacked):
@@ -55,12 +58,10 @@ class WarpSet(Stacked):
     def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, spread: int = 0, **_) -> torch.Tensor:
         """Warp x [B, C, H, W] by each class's control points g [K, B, 2, grid, grid] -> normalised
         [K, B, C, H, W]. A warp has no position (the mask family's ``shift`` does not apply); with
-        ``spread`` each sample's warp is scaled by a random factor in [1, 8), log-uniform: recovery finds the
-        smallest warp that works, and unlearning must also cover the attacker's larger one."""
+        ``spread`` the warps are spread (``_spread``) over those unlearning must also cover."""
         k, b = g.shape[:2]
         if spread:
-            grow = torch.rand(k, b, 1, 1, 1, device=g.device, generator=rng.generator(g.device))
-            g = g * _MAX_GROWTH**grow
+            g = _spread(g)
         h, w = x.shape[-2:]
         field = F.interpolate(g.flatten(0, 1), size=(h, w), mode="bicubic", align_corners=True)
         scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device).view(1, 2, 1, 1)
@@ -113,6 +114,18 @@ def _random_like(warps: WarpSet) -> WarpSet:
 def new_warps(targets: list[int], images: torch.Tensor, config, device: torch.device) -> WarpSet:
     r = config.recovery
     return WarpSet(targets, tuple(images.shape[1:]), grid=r.warp_grid, max_shift=r.warp_max_shift).to(device)
+
+
+def _spread(g: torch.Tensor) -> torch.Tensor:
+    """Control points g [K, B, 2, grid, grid], each sample's warp scaled by a random factor in [1, 8),
+    log-uniform, and ``_TURNED_SHARE`` of them turned in a random direction of the same size: recovery finds
+    the smallest warp that works, and the attacker's larger one can point elsewhere."""
+    gen, shape = rng.generator(g.device), (*g.shape[:2], 1, 1, 1)
+    g = g * _MAX_GROWTH ** torch.rand(shape, device=g.device, generator=gen)
+    turned = torch.rand(shape, device=g.device, generator=gen) < _TURNED_SHARE
+    direction = torch.randn(g.shape, device=g.device, generator=gen)
+    size = torch.linalg.vector_norm(g, dim=(2, 3, 4), keepdim=True)
+    return torch.where(turned, direction * size / torch.linalg.vector_norm(direction, dim=(2, 3, 4), keepdim=True), g)
 
 
 def _identity(h: int, w: int, device: torch.device) -> torch.Tensor:
