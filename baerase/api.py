@@ -12,7 +12,7 @@ from torch import nn
 
 from . import budget, cost, distributed
 from .config import UNTARGETED_CHECK, Config
-from .detect import Verdict, detect, independent, untargeted
+from .detect import Verdict, detect, independent, is_backdoor, score_values, untargeted
 from .errors import InputError
 from .progress import progress
 from .recover import RecoveryResult, Screened, attack_success, blend, frozen, recover, recover_all, warp
@@ -225,8 +225,9 @@ def _family_fallback(family: str, first: Judged, targets: list[int], spent: cost
 
 def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple[Screened, Verdict, str | None]:
     """``_judge``, and what the warp and blend families add: a flagged warp must be specific
-    (``_specific_warps``), and a median out of the warps' reach is measured with a wider one
-    (``_beyond_reach``); a flagged blend must cause its success (``_caused_blends``) and, on colour images, not
+    (``_specific_warps``), a median out of the warps' reach is measured with a wider one
+    (``_beyond_reach``), and a warp under the shrink rule that random warps are drawn to is flagged too
+    (``_warp_sinks``); a flagged blend must cause its success (``_caused_blends``) and, on colour images, not
     make images look like its class (``_unnatural_blends``). Of several
     flags, each must stand without the strongest (``_independent``)."""
     screened, verdict, reason = _judge(inputs, targets, spent)
@@ -236,6 +237,9 @@ def _judge_family(inputs: Inputs, targets: list[int], spent: cost.Cost) -> tuple
             verdict = _unnatural_blends(inputs, screened, _caused_blends(inputs, screened, verdict))
     elif reason is None and family == "warp" and not verdict.flagged.any():
         screened, verdict, reason = _beyond_reach(inputs, screened, verdict, spent)
+        if reason is None and not verdict.flagged.any():
+            with cost.phase(spent, "confirmation"):
+                verdict = _warp_sinks(inputs, screened, verdict)
     elif reason is None and family == "warp":
         with cost.phase(spent, "confirmation"):
             verdict = _specific_warps(inputs, screened, verdict)
@@ -285,6 +289,35 @@ def _specific_warps(inputs: Inputs, screened: Screened, verdict: Verdict) -> Ver
         return gain >= inputs.config.detection.min_warp_lift
 
     return _keeping(screened, verdict, specific)
+
+
+def _warp_sinks(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:
+    """``verdict`` flagging the warps ``detection.min_warp_shrink`` times below the median that are sinks: random
+    smooth warps of their size send ``min_warp_pull`` of the other classes' images to them, ``warp_pull_ratio``
+    times as many as to any other class (``warp.pull``), and that are specific (``_specific_warps``)."""
+    r, d = screened.recovery, inputs.config.detection
+    values = score_values(r.norms, r.success, "low")
+    reference = values if screened.reference is None else values[screened.reference]
+    suspects = is_backdoor(
+        verdict.index, values, r.success, d.anomaly_threshold, d.min_attack_success, "low", d.min_warp_shrink, reference
+    )
+    if screened.recovered is not None:
+        suspects &= screened.recovered
+    if not suspects.any():
+        return verdict
+    x, y = inputs.held_out
+
+    def predict(stamped: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cost.forward(inputs.model, part) for part in stamped.split(256)])
+
+    def sinks(warps, _) -> torch.Tensor:
+        share = warp.pull(warps, predict, x, y, inputs.num_classes, inputs.mean, inputs.std)
+        at = warps.targets.to(share.device).unsqueeze(1)
+        own, rival = share.gather(1, at).squeeze(1), share.scatter(1, at, 0.0).amax(1)
+        return (own >= d.min_warp_pull) & (own >= d.warp_pull_ratio * rival)
+
+    pulled = _keeping(screened, dataclasses.replace(verdict, flagged=suspects), sinks)
+    return _specific_warps(inputs, screened, pulled) if pulled.flagged.any() else verdict
 
 
 def _caused_blends(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict:

@@ -185,6 +185,13 @@ class Detection:
     # Warp family: a flagged warp must flip this much larger a share of held-out images than random smooth
     # warps of its size (a clean colour class reached by a 0.8 px warp: 0.01-0.04; WaNet backdoors 0.48-0.71).
     min_warp_lift: float = 0.25
+    # Warp family: a warp only this many times below the median (under min_trigger_shrink) is flagged too when
+    # it is a sink: random smooth warps of its size send at least min_warp_pull of the other classes' images to
+    # it, and warp_pull_ratio times as many as to any other class (WaNet targets on check_api's data: 0.08-0.84,
+    # 6-105x; clean MNIST and colour classes: 0.02-0.11, 1.0-2.4x).
+    min_warp_shrink: float = 2.0
+    min_warp_pull: float = 0.05
+    warp_pull_ratio: float = 4.0
     # The "untargeted" fallback: an untargeted trigger min_trigger_shrink times below the targeted ones'
     # median that maps at least this share of the classes onto distinct targets is an all-to-all backdoor
     # (MNIST and colour10 y -> y+1: 0.9-1.0 at 11-14x below; clean models' spreading triggers: 0.0-0.4,
@@ -203,10 +210,11 @@ class Detection:
     def __post_init__(self) -> None:
         _positive_ints(self, ("eval_samples",))
         _in_range(self, ("min_attack_success",), 0, 1, open_low=True)
-        _in_range(self, ("min_warp_lift",), 0, 1)
+        _in_range(self, ("min_warp_lift", "min_warp_pull"), 0, 1)
         _in_range(self, ("min_untargeted_spread",), 0, 1, open_low=True)
         _in_range(self, ("val_fraction",), 0, 1, open_low=True, open_high=True)
-        _in_range(self, ("min_trigger_shrink", "min_blend_shrink", "verify_shrink", "max_flag_ratio"), 1, float("inf"))
+        shrinks = ("min_trigger_shrink", "min_blend_shrink", "min_warp_shrink", "verify_shrink", "max_flag_ratio")
+        _in_range(self, (*shrinks, "warp_pull_ratio"), 1, float("inf"))
         _non_negative_ints(self, ("confirmations", "independence_steps"))
 
 

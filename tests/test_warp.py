@@ -63,6 +63,33 @@ def test_unlearning_grows_the_warps_and_turns_about_half_of_them():
     assert along[~kept].abs().mean() < 0.5
 
 
+class BlurSink(nn.Module):
+    """Class by brightness (0: dark, 1: bright); with ``sink``, class 2 for an image whose fine checkerboard
+    a warp has smoothed away."""
+
+    def __init__(self, sink: bool) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean((1, 2, 3)) - 0.5
+        smooth = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)) < 0.1
+        blurred = 10.0 * (smooth & self.sink).float()
+        return torch.stack((-10 * bright, 10 * bright, blurred), 1)
+
+
+def test_random_warps_are_drawn_to_a_class_the_model_gives_any_warp():
+    checker = (torch.arange(12).view(1, 12) + torch.arange(12).view(12, 1)) % 2 * 0.3
+    x = torch.cat([0.2 + checker.expand(16, 1, 12, 12), 0.5 + checker.expand(16, 1, 12, 12)])
+    y = torch.cat([torch.zeros(16), torch.ones(16)]).long()
+    warps = with_points(torch.full((1, 2, 4, 4), 0.7))
+    with baerase.rng.seeded(0):
+        drawn = warp.pull(warps, BlurSink(sink=True), x, y, 3, draws=4)[0]
+        plain = warp.pull(warps, BlurSink(sink=False), x, y, 3, draws=4)[0]
+    assert drawn[2] > 0.8 and drawn[:2].max() < 0.05
+    assert plain.max() < 0.05
+
+
 def test_warps_are_selected_stacked_and_rebuilt_from_their_state():
     warps = with_points(torch.rand(3, 2, 4, 4) - 0.5)
     picked = warps.select([2, 0])
@@ -157,3 +184,9 @@ def test_a_wanet_backdoor_is_flagged_by_the_warp_fallback_and_erased(tmp_path):
     assert (out / "report.html").exists() and (out / "triggers" / "class_0_displacement.png").exists()
     loaded = baerase.ScanReport.load(out)
     assert loaded.family == "warp" and torch.equal(loaded.triggers.flow_logits, report.triggers.flow_logits.cpu())
+
+
+@pytest.mark.parametrize("knob", [{"min_warp_pull": 1.5}, {"warp_pull_ratio": 0.5}, {"min_warp_shrink": 0.9}])
+def test_the_warp_sink_settings_are_checked(knob):
+    with pytest.raises(ConfigError, match=next(iter(knob))):
+        baerase.Config(**knob)

@@ -97,6 +97,22 @@ def lift(warps: WarpSet, own: torch.Tensor, success_of, draws: int = 4) -> torch
     return own - chance
 
 
+def pull(warps: WarpSet, predict, images, labels, num_classes: int, mean=None, std=None, draws: int = 16):
+    """How often random smooth warps of each class's mean displacement send images of other classes to
+    each class [K, num_classes]: a warp backdoor's target draws them (the model answers smooth warps in many
+    directions), a clean class no more than its neighbours. ``predict(normalised [N, C, H, W]) -> logits``;
+    images [N, C, H, W] in [0, 1], labels [N]."""
+    classes = torch.arange(num_classes, device=labels.device)
+    others = (labels.unsqueeze(1) != classes).float()  # [N, num_classes]
+    share = torch.zeros(len(warps), num_classes, device=labels.device)
+    for _ in range(draws):
+        random = _random_like(warps)
+        stamped = random.stamp(images, random.sample(len(labels))[1], mean, std)
+        sent = F.one_hot(predict(stamped.flatten(0, 1)).argmax(1), num_classes).view(len(warps), len(labels), -1)
+        share += (sent * others).sum(1) / others.sum(0).clamp(min=1) / draws
+    return share
+
+
 def _random_like(warps: WarpSet) -> WarpSet:
     """Random smooth warps with each class's mean displacement."""
     device, limit = warps.targets.device, warps.meta["max_shift"]
