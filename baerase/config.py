@@ -186,9 +186,10 @@ class Detection:
     # warps of its size (a clean colour class reached by a 0.8 px warp: 0.01-0.04; WaNet backdoors 0.48-0.71).
     min_warp_lift: float = 0.25
     # Warp family: a warp only this many times below the median (under min_trigger_shrink, or not confirmed
-    # there; WaNet targets on check_api's data: 1.8-3.8x) is flagged too when it is a sink: random smooth warps of its size send at least
-    # min_warp_pull of the other classes' images to it, and warp_pull_ratio times as many as to any other class
-    # (those WaNet targets: 0.08-0.84, 6-105x; clean MNIST and colour classes: 0.02-0.11, 1.0-2.4x).
+    # there; WaNet targets on check_api's data: 1.8-3.8x) is flagged too when it is a sink: random smooth warps
+    # of its size send at least min_warp_pull of the other classes' images to it, and warp_pull_ratio times as
+    # many as to any other class (those WaNet targets: 0.08-0.84, 6-105x; clean MNIST and colour classes:
+    # 0.02-0.11, 1.0-2.4x).
     min_warp_shrink: float = 1.5
     min_warp_pull: float = 0.05
     warp_pull_ratio: float = 4.0
