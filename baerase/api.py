@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from .recover import RecoveryResult, Screened, attack_success, blend, frozen, re
 from .recover.checkpoint import ChunkStore
 from .recover.screen import planned_steps
 from .report import EraseResult, ScanReport, sha256_model, sha256_tensors
+from .unlearn.guard import logits_of
 from .unlearn.rounds import erase_rounds, unlearned_copy
 from .validate import Inputs, check_config, prepare
 
@@ -307,10 +309,8 @@ def _warp_sinks(inputs: Inputs, screened: Screened, verdict: Verdict) -> Verdict
         return verdict
     x, y = inputs.held_out
 
-    def predict(stamped: torch.Tensor) -> torch.Tensor:
-        return torch.cat([cost.forward(inputs.model, part) for part in stamped.split(256)])
-
     def sinks(warps, _) -> torch.Tensor:
+        predict = functools.partial(logits_of, inputs.model)  # the stamped images come normalised
         share = warp.pull(warps, predict, x, y, inputs.num_classes, inputs.mean, inputs.std)
         at = warps.targets.to(share.device).unsqueeze(1)
         own, rival = share.gather(1, at).squeeze(1), share.scatter(1, at, 0.0).amax(1)
