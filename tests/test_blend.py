@@ -69,6 +69,16 @@ def test_a_blend_that_never_worked_counts_at_the_strongest_and_unlearning_grows_
     assert lifted.min() >= 0.2 - 1e-6 and lifted.max() <= 1 - 0.8**2 + 1e-6 and lifted.std() > 0
 
 
+def test_unlearning_mixes_the_channels_of_about_half_the_grown_colour_blends():
+    blends = with_blends([0.5], [1e-6], channels=3)
+    x = torch.zeros(256, 3, 12, 12)
+    x[:, 0] = 1.0  # pure red: any green or blue comes from a channel mix
+    _, g = blends.sample(len(x))
+    mixed = blends.stamp(x, g, spread=1)[0, :, 1:].amax((1, 2, 3)) > 1e-4
+    assert 0.35 < mixed.float().mean() < 0.65  # a filter mixes channels too; recovery finds only its blend
+    assert blends.stamp(x, g)[0, :, 1:].abs().max() < 1e-5  # a plain blend keeps the hue
+
+
 def test_blends_are_selected_stacked_and_rebuilt_from_their_state():
     blends = with_blends([0.1, 0.3, 0.6], [0.2, 0.5, 0.9])
     picked = blends.select([2, 0])

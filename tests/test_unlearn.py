@@ -224,35 +224,42 @@ def test_the_independence_probe_unlearns_the_recovered_triggers_alone(monkeypatc
     assert inputs.config.unlearning.universal_eps == 0.1  # the erase keeps its universal perturbations
 
 
-def _erase_reaches(monkeypatch, rounds_, asr_at_reach: float) -> tuple[list[int], list]:
-    """The patch_reach of each unlearning an erase of ``rounds_`` rounds runs, and the outcomes it keeps, when
-    the re-scan always finds the trigger and unlearning with the reach leaves ``asr_at_reach`` of the recovered
-    triggers (0.02 without)."""
+def _erase_tries(monkeypatch, rounds_, asr_first: float, make=None) -> tuple[list, list]:
+    """The unlearning settings of each unlearning an erase of ``rounds_`` rounds runs, and the outcomes it keeps,
+    when the re-scan always finds the trigger and unlearning with the patch reach and the universal perturbations
+    leaves ``asr_first`` of the recovered triggers (0.02 without either). ``make``: the flagged triggers."""
     from types import SimpleNamespace
 
     from baerase.unlearn import rounds
     from baerase.validate import Inputs
 
-    reaches = []
+    make = make or triggers
+    tried = []
 
     def record(inputs, model, *rest, **guard):
-        reach = inputs.config.unlearning.patch_reach
-        reaches.append(reach)
-        asr = asr_at_reach if reach else 0.02
-        return SimpleNamespace(model=model, history=[], reached=reach > 0, trigger_asr_after=asr)
+        settings = inputs.config.unlearning
+        tried.append(settings)
+        wide = settings.patch_reach > 0 and settings.universal_eps > 0
+        reached = settings.patch_reach > 0 and make().family == "mask"
+        return SimpleNamespace(model=model, history=[], reached=reached, trigger_asr_after=asr_first if wide else 0.02)
 
     monkeypatch.setattr(rounds, "_unlearn", record)
     monkeypatch.setattr(rounds, "clean_accuracy", lambda *args: 1.0)
     monkeypatch.setattr(rounds, "_clean_reference", lambda report: None)
-    still_found = (SimpleNamespace(triggers=triggers()), [], torch.tensor([True]))
+    still_found = (SimpleNamespace(triggers=make()), [], torch.tensor([True]))
     monkeypatch.setattr(rounds, "verify", lambda *args, **kwargs: still_found)
     monkeypatch.setattr(rounds, "_result", lambda inputs, flagged, outcomes, *rest: outcomes)
-    report = SimpleNamespace(flagged=[1], flagged_triggers=triggers, classes=[SimpleNamespace(flagged=True, steps=5)],
+    report = SimpleNamespace(flagged=[1], flagged_triggers=make, classes=[SimpleNamespace(flagged=True, steps=5)],
                              untargeted=False)  # fmt: skip
     held = labelled(linear(), 64, 0)
     inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=rounds_), torch.device("cpu"),
                     *([None] * 4), K, held, held)  # fmt: skip
-    return reaches, rounds.erase_rounds(inputs, report, lambda model, desc: None)
+    return tried, rounds.erase_rounds(inputs, report, lambda model, desc: None)
+
+
+def _erase_reaches(monkeypatch, rounds_, asr_at_reach: float) -> tuple[list[int], list]:
+    tried, kept = _erase_tries(monkeypatch, rounds_, asr_at_reach)
+    return [settings.patch_reach for settings in tried], kept
 
 
 def test_a_round_after_one_the_rescan_survived_unlearns_without_patch_reach(monkeypatch):
@@ -266,6 +273,21 @@ def test_a_round_that_cannot_erase_its_triggers_with_patch_reach_runs_again_with
     assert [o.trigger_asr_after for o in kept] == [0.02]  # the better of the two
     reaches, kept = _erase_reaches(monkeypatch, 1, asr_at_reach=0.0)
     assert reaches == [2] and [o.trigger_asr_after for o in kept] == [0.0]  # erased with the reach: no second run
+
+
+def test_a_blend_family_round_that_cannot_erase_its_blends_runs_again_without_universal_perturbations(monkeypatch):
+    from baerase.recover import BlendSet
+
+    def blends():
+        return BlendSet([1], (1, 4, 4))
+
+    tried, kept = _erase_tries(monkeypatch, 1, asr_first=0.5, make=blends)
+    assert [s.universal_eps for s in tried] == [CFG.unlearning.universal_eps, 0]  # the whole image's neighbourhood
+    assert [o.trigger_asr_after for o in kept] == [0.02]
+    tried, _ = _erase_tries(monkeypatch, 1, asr_first=0.0, make=blends)
+    assert len(tried) == 1  # erased with them: no second run
+    tried, _ = _erase_tries(monkeypatch, 2, asr_first=0.0, make=blends)
+    assert [s.universal_eps for s in tried] == [CFG.unlearning.universal_eps, 0]  # after a survived round: without
 
 
 # ---- the loss ----------------------------------------------------------------------------------

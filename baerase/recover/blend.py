@@ -26,6 +26,9 @@ _START = 0.1
 # Unlearning multiplies a recovered blend's attenuation by up to this factor: recovery finds the
 # weakest blend that works, the attacker's filter can be stronger.
 _MAX_GROWTH = 2.0
+# Unlearning also mixes the colour channels of this share of the blended colour images: a colour filter is a
+# channel mix as well as a blend, and recovery finds only the blend toward grey.
+_TINTED_SHARE = 0.5
 
 
 class BlendSet(Stacked):
@@ -60,14 +63,18 @@ class BlendSet(Stacked):
     def stamp(self, x: torch.Tensor, g: torch.Tensor, mean=None, std=None, spread: int = 0, **_) -> torch.Tensor:
         """Blend x [B, C, H, W] by each class's (strength, level) g [K, B, 2] -> normalised
         [K, B, C, H, W]. With ``spread`` each sample's attenuation is multiplied by a random factor in
-        [1, 2): unlearning must also cover the attacker's stronger filter."""
+        [1, 2), and ``_TINTED_SHARE`` of colour samples get a random channel mix (``_tinted``): unlearning
+        must also cover the attacker's stronger, coloured filter."""
         k, b = g.shape[:2]
         strength, level = g[..., 0].view(k, b, 1, 1, 1), g[..., 1].view(k, b, 1, 1, 1)
+        x = x.unsqueeze(0).expand(k, -1, -1, -1, -1)
         if spread:
-            grow = _MAX_GROWTH ** torch.rand(k, b, 1, 1, 1, device=g.device, generator=rng.generator(g.device))
-            strength = 1 - (1 - strength) ** grow
-        blended = (1 - strength) * x.unsqueeze(0) + strength * level
-        return normalize_images(blended.flatten(0, 1), mean, std).view(k, b, *x.shape[1:])
+            gen = rng.generator(g.device)
+            strength = 1 - (1 - strength) ** (_MAX_GROWTH ** torch.rand(k, b, 1, 1, 1, device=g.device, generator=gen))
+            if x.shape[2] == 3:
+                x = _tinted(x, strength, gen)
+        blended = (1 - strength) * x + strength * level
+        return normalize_images(blended.flatten(0, 1), mean, std).view(blended.shape)
 
     def size(self) -> torch.Tensor:
         """Attenuation per class [K]: ``-ln(1 - strength)``, differentiable."""
@@ -77,6 +84,16 @@ class BlendSet(Stacked):
         """Attenuation per class [K]; that of ``max_strength`` for a class no blend reached."""
         limit = torch.full_like(self.found, -math.log1p(-self.meta["max_strength"]), dtype=torch.float32)
         return torch.where(self.found, self.size(), limit)
+
+
+def _tinted(x: torch.Tensor, strength: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x [K, B, 3, H, W] with ``_TINTED_SHARE`` of its samples' channels mixed: each output channel moves
+    ``strength`` [K, B, 1, 1, 1] of the way to a random convex mix of the three."""
+    k, b = x.shape[:2]
+    weights = -torch.rand(k, b, 3, 3, device=x.device, generator=generator).log()  # Dirichlet(1, 1, 1) rows
+    mix = torch.lerp(torch.eye(3, device=x.device), weights / weights.sum(-1, keepdim=True), strength.view(k, b, 1, 1))
+    tinted = torch.rand(k, b, 1, 1, 1, device=x.device, generator=generator) < _TINTED_SHARE
+    return torch.where(tinted, torch.einsum("kboc,kbchw->kbohw", mix, x), x)
 
 
 @torch.no_grad()

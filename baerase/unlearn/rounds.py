@@ -74,22 +74,27 @@ def _unlearn_round(
     a few pixels of a fixed patch (``patch_reach``). It may instead be a whole-image blend recovered where it is
     strongest, whose any-colour neighbourhood is an adversarial patch that cannot be unlearned within the guard:
     so a round that did not erase even the recovered triggers that way is run again without the reach, and a
-    round after one the re-scan survived goes without it."""
+    round after one the re-scan survived goes without it. A blend family's trigger has no reach, but its universal
+    perturbations are such a neighbourhood of the whole image: its second try goes without them."""
 
     def run(reading: Inputs, desc: str) -> UnlearnOutcome:
         return _unlearn(reading, model, triggers, budget, desc, accuracy_floor=floor, original=inputs.model)
 
-    desc, as_blend = f"baerase unlearn (round {round_})", _without_reach(inputs)
+    desc, narrower = f"baerase unlearn (round {round_})", _narrower(inputs, triggers)
     if round_ % 2 == 0:
-        return run(as_blend, desc)
+        return run(narrower, desc)
     outcome = run(inputs, desc)
-    if not outcome.reached or outcome.trigger_asr_after <= inputs.config.unlearning.asr_stop:
+    erased = outcome.trigger_asr_after <= inputs.config.unlearning.asr_stop
+    if erased or not (outcome.reached or triggers.family == "blend"):
         return outcome
-    return min(outcome, run(as_blend, f"{desc} as a blend"), key=lambda o: o.trigger_asr_after)
+    return min(outcome, run(narrower, f"{desc}, narrower"), key=lambda o: o.trigger_asr_after)
 
 
-def _without_reach(inputs: Inputs) -> Inputs:
-    """The inputs with ``patch_reach`` 0: each universal perturbation within ``universal_eps`` everywhere."""
+def _narrower(inputs: Inputs, triggers: TriggerSet) -> Inputs:
+    """The inputs of a round's narrower try: a blend family's without universal perturbations, others' with
+    ``patch_reach`` 0 (each universal perturbation within ``universal_eps`` everywhere)."""
+    if triggers.family == "blend":
+        return dataclasses.replace(inputs, config=inputs.config.replace(universal_eps=0))
     return dataclasses.replace(inputs, config=inputs.config.replace(patch_reach=0))
 
 
