@@ -224,10 +224,11 @@ def test_the_independence_probe_unlearns_the_recovered_triggers_alone(monkeypatc
     assert inputs.config.unlearning.universal_eps == 0.1  # the erase keeps its universal perturbations
 
 
-def _erase_tries(monkeypatch, rounds_, asr_first: float, make=None) -> tuple[list, list]:
+def _erase_tries(monkeypatch, rounds_, asr_first: float, make=None, **settings) -> tuple[list, list]:
     """The unlearning settings of each unlearning an erase of ``rounds_`` rounds runs, and the outcomes it keeps,
     when the re-scan always finds the trigger and unlearning with the patch reach and the universal perturbations
-    leaves ``asr_first`` of the recovered triggers (0.02 without either). ``make``: the flagged triggers."""
+    leaves ``asr_first`` of the recovered triggers (0.02 without either). ``make``: the flagged triggers;
+    ``settings``: the erase's other config settings."""
     from types import SimpleNamespace
 
     from baerase.unlearn import rounds
@@ -252,7 +253,7 @@ def _erase_tries(monkeypatch, rounds_, asr_first: float, make=None) -> tuple[lis
     report = SimpleNamespace(flagged=[1], flagged_triggers=make, classes=[SimpleNamespace(flagged=True, steps=5)],
                              untargeted=False)  # fmt: skip
     held = labelled(linear(), 64, 0)
-    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=rounds_), torch.device("cpu"),
+    inputs = Inputs(nn.Identity(), CFG.replace(patch_reach=2, erase_rounds=rounds_, **settings), torch.device("cpu"),
                     *([None] * 4), K, held, held)  # fmt: skip
     return tried, rounds.erase_rounds(inputs, report, lambda model, desc: None)
 
@@ -288,6 +289,8 @@ def test_a_blend_family_round_that_cannot_erase_its_blends_runs_again_without_un
     assert len(tried) == 1  # erased with them: no second run
     tried, _ = _erase_tries(monkeypatch, 2, asr_first=0.0, make=blends)
     assert [s.universal_eps for s in tried] == [CFG.unlearning.universal_eps, 0]  # after a survived round: without
+    tried, _ = _erase_tries(monkeypatch, 1, asr_first=0.5, make=blends, universal_eps=0)
+    assert len(tried) == 1  # none to drop: a second try would repeat the first
 
 
 # ---- the loss ----------------------------------------------------------------------------------

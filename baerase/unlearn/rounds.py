@@ -85,7 +85,9 @@ def _unlearn_round(
         return run(narrower, desc)
     outcome = run(inputs, desc)
     erased = outcome.trigger_asr_after <= inputs.config.unlearning.asr_stop
-    if erased or not (outcome.reached or triggers.family == "blend"):
+    # The narrower try differs from this one only where the reach widened a radius or it drops perturbations.
+    drops = narrower.config.unlearning.universal_eps < inputs.config.unlearning.universal_eps
+    if erased or not (outcome.reached or drops):
         return outcome
     return min(outcome, run(narrower, f"{desc}, narrower"), key=lambda o: o.trigger_asr_after)
 
